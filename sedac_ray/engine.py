@@ -1,0 +1,194 @@
+"""The single-process decode loop: prompts in, text and per-token exit layers out.
+
+Prefill runs every prompt token through every layer. Each decode step embeds the newest token of
+every unfinished sequence, runs one :class:`LayerRange` over the whole model (where tokens exit
+and leave the working group), reads logits from each token's exit hidden state, and samples.
+Finished sequences leave the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from sedac_ray.model.adapter import ModelAdapter
+from sedac_ray.model.loading import LoadedModel
+from sedac_ray.policy import DEFAULT_POLICY, ExitPolicy
+from sedac_ray.runtime.layer_range import LayerRange, TokenRows
+from sedac_ray.sampling import SamplingParams, sample
+
+Prompt = str | Sequence[dict]
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    exit_layers: list[int]  # decoder layers executed to produce each generated token (1..L)
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_token_ids: list[int] = field(default_factory=list)
+    num_layers: int = 0
+
+    @property
+    def mean_layers(self) -> float:
+        return sum(self.exit_layers) / len(self.exit_layers) if self.exit_layers else float(self.num_layers)
+
+
+class Engine:
+    """``Engine(model, policy=None)``: ``model`` is a :class:`LoadedModel` from :func:`load_model`.
+    Without a policy it uses :data:`DEFAULT_POLICY` (tau=0.99, K=3), which keeps quality close to
+    the full model; pass ``ExitPolicy.disabled()`` for plain full-depth decoding."""
+
+    def __init__(self, model: LoadedModel, policy: ExitPolicy | None = None):
+        self.loaded = model
+        self.tokenizer = model.tokenizer
+        self.adapter = ModelAdapter(model.model)
+        self.num_layers = self.adapter.num_layers
+        self.policy = (policy or DEFAULT_POLICY).validate_for(self.num_layers)
+        self.eos_ids = _eos_ids(model)
+
+    # ---- input handling -----------------------------------------------------------------
+
+    def encode(self, prompt: Prompt, chat: bool) -> list[int]:
+        if chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            if not messages or not any(str(m.get("content", "")).strip() for m in messages):
+                raise ValueError("prompt is empty: give at least one message with content")
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        else:
+            if not isinstance(prompt, str):
+                raise ValueError("a non-chat prompt must be a string; pass chat=True for a list of messages")
+            if not prompt:
+                raise ValueError("prompt is empty")
+            ids = self.tokenizer(prompt)["input_ids"]
+        return [int(i) for i in ids]
+
+    def _check_lengths(self, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+        context = self.adapter.max_context
+        for i, ids in enumerate(prompt_ids):
+            if not ids:
+                raise ValueError(f"prompt {i} is empty after tokenization")
+            if len(ids) + max_new_tokens > context:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+                    f"the model's context of {context} tokens. Shorten the prompt or lower max_new_tokens."
+                )
+
+    # ---- generation ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        chat: bool = False,
+        policy: ExitPolicy | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for a batch of prompts (strings, or message lists with ``chat=True``)."""
+        if isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        policy = self.policy if policy is None else policy.validate_for(self.num_layers)
+        params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+        stop = [s for s in (stop or []) if s]
+        prompt_ids = [self.encode(p, chat) for p in prompts]
+        self._check_lengths(prompt_ids, max_new_tokens)
+        return self.generate_ids(prompt_ids, max_new_tokens, params, stop, policy)
+
+    def generate_ids(
+        self,
+        prompt_ids: list[list[int]],
+        max_new_tokens: int,
+        params: SamplingParams,
+        stop: list[str],
+        policy: ExitPolicy,
+    ) -> list[GenerationResult]:
+        adapter = self.adapter
+        device = adapter.device
+        batch = len(prompt_ids)
+        layers = LayerRange(adapter, 0, self.num_layers)
+        slots = torch.tensor(layers.cache.allocate(batch))
+        generators = [params.generator(device) for _ in range(batch)]
+        results = [
+            GenerationResult("", [], [], "length", prompt_token_ids=ids, num_layers=self.num_layers)
+            for ids in prompt_ids
+        ]
+
+        # Prefill: right-padded prompts, full depth; each row's logits from its last real token.
+        lengths = torch.tensor([len(ids) for ids in prompt_ids])
+        width = int(lengths.max())
+        padded = torch.tensor([ids + [ids[-1]] * (width - len(ids)) for ids in prompt_ids])
+        positions = torch.arange(width).expand(batch, width)
+        hidden = layers.prefill(slots, positions, adapter.embed_tokens(padded.to(device)))
+        last = hidden[torch.arange(batch, device=device), (lengths - 1).to(device)]
+        self._emit(results, list(range(batch)), adapter.logits(last), [self.num_layers] * batch, params, generators, stop)
+
+        positions = lengths.clone()
+        for _ in range(max_new_tokens - 1):
+            active = [i for i, r in enumerate(results) if not self._finished(r, max_new_tokens)]
+            if not active:
+                break
+            index = torch.tensor(active)
+            tokens = torch.tensor([results[i].token_ids[-1] for i in active], device=device)
+            rows = TokenRows(
+                ids=index,
+                slots=slots[index],
+                positions=positions[index],
+                hidden=adapter.embed_tokens(tokens),
+                state=policy.initial_state(len(active), device),
+            )
+            exited = layers.decode(rows, policy).exited
+            positions[index] += 1
+            order = exited.ids.tolist()
+            self._emit(
+                results, order, adapter.logits(exited.hidden), exited.exit_layer.tolist(), params, generators, stop
+            )
+        for r in results:
+            r.text = self._text(r.token_ids, stop)
+        return results
+
+    # ---- per-token bookkeeping ---------------------------------------------------------------
+
+    def _emit(self, results, row_ids, logits, exit_layers, params, generators, stop) -> None:
+        greedy = logits.argmax(dim=-1).tolist() if params.greedy else None
+        for n, (row, layer) in enumerate(zip(row_ids, exit_layers, strict=True)):
+            token = greedy[n] if greedy is not None else sample(logits[n], params, generators[row])
+            result = results[row]
+            result.token_ids.append(token)
+            result.exit_layers.append(int(layer))
+            if token in self.eos_ids or (stop and self._hit_stop(result.token_ids, stop)):
+                result.finish_reason = "stop"
+
+    def _finished(self, result: GenerationResult, max_new_tokens: int) -> bool:
+        return result.finish_reason == "stop" or len(result.token_ids) >= max_new_tokens
+
+    def _hit_stop(self, token_ids: list[int], stop: list[str]) -> bool:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return any(s in text for s in stop)
+
+    def _text(self, token_ids: list[int], stop: list[str]) -> str:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in stop if s in text), default=-1)
+        return text[:cut] if cut >= 0 else text
+
+
+def _eos_ids(model: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model.model, "generation_config", None), model.model.config):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+    tokenizer_eos = getattr(model.tokenizer, "eos_token_id", None)
+    if tokenizer_eos is not None:
+        ids.add(int(tokenizer_eos))
+    return ids
+

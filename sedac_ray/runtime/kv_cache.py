@@ -1,0 +1,134 @@
+"""Engine-owned KV storage, handed to Hugging Face layers through their ``cache=`` argument.
+
+Storage is one ``[slots, kv_heads, capacity, head_dim]`` tensor pair per layer; a sequence owns
+one slot for its lifetime. Layers see a :class:`CacheView` for the rows of the current call: its
+``update`` writes the new K/V at each row's positions and returns the rows' K/V so far, which
+is the whole protocol Hugging Face attention modules use. Shapes and dtypes come from the first
+write, so nothing here depends on the architecture.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sedac_ray.model.adapter import KVWritten
+
+
+class SlotKVCache:
+    """Per-layer K/V for many sequences, addressed by slot and position."""
+
+    def __init__(self, initial_capacity: int = 64):
+        self._keys: dict[int, torch.Tensor] = {}
+        self._values: dict[int, torch.Tensor] = {}
+        self._capacity = initial_capacity
+        self._num_slots = 0
+        self._free: list[int] = []
+
+    # ---- slots -----------------------------------------------------------------------------
+
+    @property
+    def num_slots(self) -> int:
+        return self._num_slots
+
+    @property
+    def slots_in_use(self) -> int:
+        return self._num_slots - len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        """Slots for ``count`` new sequences; freed slots are reused first."""
+        slots = []
+        while self._free and len(slots) < count:
+            slots.append(self._free.pop())
+        fresh = count - len(slots)
+        if fresh:
+            slots.extend(range(self._num_slots, self._num_slots + fresh))
+            self._grow(num_slots=self._num_slots + fresh, capacity=self._capacity)
+        return slots
+
+    def free(self, slots) -> None:
+        """Return slots; their contents are left to be overwritten by the next owner."""
+        for slot in slots:
+            if slot in self._free or not 0 <= slot < self._num_slots:
+                raise ValueError(f"slot {slot} is not allocated")
+            self._free.append(slot)
+
+    def reserve(self, length: int) -> None:
+        """Make room for positions ``< length`` in every slot (capacity doubles)."""
+        if length > self._capacity:
+            capacity = self._capacity
+            while capacity < length:
+                capacity *= 2
+            self._grow(num_slots=self._num_slots, capacity=capacity)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self._keys.values(), *self._values.values()))
+
+    def _grow(self, num_slots: int, capacity: int) -> None:
+        for store in (self._keys, self._values):
+            for layer, old in store.items():
+                # Zeros, not garbage: masked keys still enter q.k, and NaN * 0 is NaN.
+                new = old.new_zeros(num_slots, old.shape[1], capacity, old.shape[3])
+                new[: old.shape[0], :, : old.shape[2]] = old
+                store[layer] = new
+        self._num_slots, self._capacity = num_slots, capacity
+
+    # ---- the per-call view layers write through --------------------------------------------
+
+    def view(self, slots, positions: torch.Tensor, fill_only: bool = False) -> CacheView:
+        """A view for rows ``slots`` whose new tokens sit at ``positions`` (``[rows, tokens]``)."""
+        return CacheView(self, slots, positions, fill_only)
+
+    def _storage(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self._keys:
+            shape = (self._num_slots, like.shape[1], self._capacity, like.shape[3])
+            self._keys[layer] = like.new_zeros(shape)
+            self._values[layer] = like.new_zeros(shape)
+        return self._keys[layer], self._values[layer]
+
+    def read(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of one slot's first ``length`` positions (``[kv_heads, length, head_dim]``); for tests."""
+        return self._keys[layer][slot, :, :length], self._values[layer][slot, :, :length]
+
+
+class CacheView:
+    """What a decoder layer sees as its ``cache``: writes go to this call's rows and positions."""
+
+    def __init__(self, cache: SlotKVCache, slots, positions: torch.Tensor, fill_only: bool):
+        self.cache = cache
+        slot_list = [int(s) for s in slots]
+        self.positions = positions
+        self.fill_only = fill_only
+        self.key_length = int(positions.max()) + 1
+        cache.reserve(self.key_length)
+        self._slot_index = torch.tensor(slot_list, device=positions.device).unsqueeze(1)
+        first = slot_list[0] if slot_list else 0
+        # Rows in consecutive slots read their K/V as a view instead of a gather.
+        self._slot_range = (
+            slice(first, first + len(slot_list)) if slot_list == list(range(first, first + len(slot_list))) else None
+        )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.cache._storage(layer_idx, key_states)
+        # [rows, heads, tokens, dim] -> [rows, tokens, heads, dim] to match the advanced index.
+        keys[self._slot_index, :, self.positions] = key_states.transpose(1, 2)
+        values[self._slot_index, :, self.positions] = value_states.transpose(1, 2)
+        if self.fill_only:
+            raise KVWritten
+        if self._slot_range is not None:
+            return keys[self._slot_range, :, : self.key_length], values[self._slot_range, :, : self.key_length]
+        rows = self._slot_index[:, 0]
+        return keys[rows, :, : self.key_length], values[rows, :, : self.key_length]
+
+    def select(self, keep: torch.Tensor, slots_kept) -> CacheView:
+        return CacheView(self.cache, slots_kept, self.positions[keep], self.fill_only)
+
+    # Hugging Face code may ask a cache these; answer as a cache of this call's rows would.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.key_length
+
+    def get_mask_sizes(self, *args, **kwargs):
+        return self.key_length, 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
