@@ -130,7 +130,15 @@ class Engine:
         positions = torch.arange(width).expand(batch, width)
         hidden = layers.prefill(slots, positions, adapter.embed_tokens(padded.to(device)))
         last = hidden[torch.arange(batch, device=device), (lengths - 1).to(device)]
-        self._emit(results, list(range(batch)), adapter.logits(last), [self.num_layers] * batch, params, generators, stop)
+        self._emit(
+            results,
+            list(range(batch)),
+            adapter.logits(last),
+            [self.num_layers] * batch,
+            params,
+            generators,
+            stop,
+        )
 
         positions = lengths.clone()
         for _ in range(max_new_tokens - 1):
@@ -150,7 +158,13 @@ class Engine:
             positions[index] += 1
             order = exited.ids.tolist()
             self._emit(
-                results, order, adapter.logits(exited.hidden), exited.exit_layer.tolist(), params, generators, stop
+                results,
+                order,
+                adapter.logits(exited.hidden),
+                exited.exit_layer.tolist(),
+                params,
+                generators,
+                stop,
             )
         for r in results:
             r.text = self._text(r.token_ids, stop)
@@ -191,4 +205,3 @@ def _eos_ids(model: LoadedModel) -> set[int]:
     if tokenizer_eos is not None:
         ids.add(int(tokenizer_eos))
     return ids
-

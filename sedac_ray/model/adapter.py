@@ -57,7 +57,7 @@ class ModelAdapter:
         lists = [m for m in self.decoder.children() if isinstance(m, nn.ModuleList) and len(m) > 0]
         if len(lists) != 1:
             raise UnsupportedArchitecture(
-                f"{name}: expected exactly one ModuleList of decoder layers in {type(self.decoder).__name__}, "
+                f"{name}: expected one ModuleList of decoder layers in {type(self.decoder).__name__}, "
                 f"found {len(lists)}."
             )
         return lists[0]
@@ -167,7 +167,9 @@ class ModelAdapter:
         reference = self.model(input_ids=ids.to(self.device), use_cache=False).logits
         layers = LayerRange(self, 0, self.num_layers)
         slots = torch.tensor(layers.cache.allocate(1))
-        hidden = layers.prefill(slots, torch.arange(num_tokens).unsqueeze(0), self.embed_tokens(ids.to(self.device)))
+        hidden = layers.prefill(
+            slots, torch.arange(num_tokens).unsqueeze(0), self.embed_tokens(ids.to(self.device))
+        )
         ours = self.logits(hidden)
         tolerance = 1e-3 if self.dtype == torch.float32 else 5e-2
         error = (ours.float() - reference.float()).abs().max().item()
@@ -178,4 +180,3 @@ class ModelAdapter:
                 f"model's own logits (max abs difference {error:.3g}); this architecture does something "
                 "outside its embedding, layers, final norm and head that sedac-ray cannot see."
             )
-

@@ -68,7 +68,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(set(_DTYPES))} or 'auto'") from None
+        raise ValueError(
+            f"dtype {dtype!r} is not supported; use one of {sorted(set(_DTYPES))} or 'auto'"
+        ) from None
 
 
 def resolve_device(device: str | None) -> str:
@@ -102,9 +104,9 @@ def _load_gguf(directory: Path, filename: str, cache_name: str | None):
     cached = cache_dir() / cache_name if cache_name else None
     if cached is not None and (cached / "config.json").exists():
         _log(f"loading the dequantized copy in {cached}")
-        return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32), AutoTokenizer.from_pretrained(
-            cached
-        )
+        return AutoModelForCausalLM.from_pretrained(
+            cached, dtype=torch.float32
+        ), AutoTokenizer.from_pretrained(cached)
     _log(f"dequantizing {directory / filename} to float32 (about 20 s for the default model)")
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
@@ -146,7 +148,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str
     start = time.perf_counter()
     path = Path(os.path.expanduser(str(spec)))
     if spec == DEFAULT_MODEL:
-        model, tokenizer = _load_gguf(packaged_smollm2_dir(), _SMOLLM2_FILE, cache_name="smollm2-135m-instruct")
+        model, tokenizer = _load_gguf(
+            packaged_smollm2_dir(), _SMOLLM2_FILE, cache_name="smollm2-135m-instruct"
+        )
         name = DEFAULT_MODEL
     elif path.suffix == ".gguf":
         if not path.is_file():
@@ -155,7 +159,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str
         name = path.stem
     elif path.is_dir():
         if not (path / "config.json").exists():
-            raise ValueError(f"{path} is a directory without config.json; model spec must be {ACCEPTED_SPECS}")
+            raise ValueError(
+                f"{path} is a directory without config.json; model spec must be {ACCEPTED_SPECS}"
+            )
         _log(f"loading {path}")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -104,7 +104,9 @@ class CacheView:
         first = slot_list[0] if slot_list else 0
         # Rows in consecutive slots read their K/V as a view instead of a gather.
         self._slot_range = (
-            slice(first, first + len(slot_list)) if slot_list == list(range(first, first + len(slot_list))) else None
+            slice(first, first + len(slot_list))
+            if slot_list == list(range(first, first + len(slot_list)))
+            else None
         )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -115,7 +117,9 @@ class CacheView:
         if self.fill_only:
             raise KVWritten
         if self._slot_range is not None:
-            return keys[self._slot_range, :, : self.key_length], values[self._slot_range, :, : self.key_length]
+            return keys[self._slot_range, :, : self.key_length], values[
+                self._slot_range, :, : self.key_length
+            ]
         rows = self._slot_index[:, 0]
         return keys[rows, :, : self.key_length], values[rows, :, : self.key_length]
 

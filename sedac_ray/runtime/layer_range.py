@@ -65,7 +65,9 @@ class TokenRows:
     @staticmethod
     def empty(hidden_size: int, device, dtype) -> TokenRows:
         none = torch.zeros(0, dtype=torch.long)
-        return TokenRows(none, none, none, torch.zeros(0, hidden_size, device=device, dtype=dtype), none, none)
+        return TokenRows(
+            none, none, none, torch.zeros(0, hidden_size, device=device, dtype=dtype), none, none
+        )
 
 
 @dataclass
