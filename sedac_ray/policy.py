@@ -52,6 +52,25 @@ class ExitPolicy:
     def disabled(cls) -> ExitPolicy:
         return cls(enabled=False)
 
+    def with_overrides(
+        self,
+        tau: float | None = None,
+        k: int | None = None,
+        min_layer: int | None = None,
+        window: int | None = None,
+        disable: bool = False,
+    ) -> ExitPolicy:
+        """This policy with the given fields replaced (what a CLI flag or a request sets)."""
+        if disable:
+            return ExitPolicy.disabled()
+        base = self if self.enabled else DEFAULT_POLICY
+        return ExitPolicy(
+            tau=base.tau if tau is None else tau,
+            k=base.k if k is None else k,
+            min_layer=base.min_layer if min_layer is None else min_layer,
+            window=base.window if window is None else window,
+        )
+
     def validate_for(self, num_layers: int) -> ExitPolicy:
         """Check depth-dependent fields against a model with ``num_layers`` layers."""
         if self.enabled and self.min_layer is not None and not 1 <= self.min_layer <= num_layers:

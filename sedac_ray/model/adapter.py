@@ -29,11 +29,11 @@ class ModelAdapter:
     """Embedding, decoder layers, final norm, LM head, rotary embedding and masks of one model."""
 
     def __init__(self, model: nn.Module, verify: bool = True):
+        name = type(model).__name__
+        if not all(hasattr(model, a) for a in ("config", "get_decoder", "get_output_embeddings")):
+            raise UnsupportedArchitecture(f"{name} is not a Hugging Face causal LM (no get_decoder()).")
         self.model = model
         self.config = model.config
-        name = type(model).__name__
-        if not hasattr(model, "get_decoder") or not hasattr(model, "get_output_embeddings"):
-            raise UnsupportedArchitecture(f"{name} is not a Hugging Face causal LM (no get_decoder()).")
         self.decoder = model.get_decoder()
         self.embed = model.get_input_embeddings()
         self.head = model.get_output_embeddings()

@@ -1,0 +1,111 @@
+"""``sedac``: the command line. ``sedac generate`` runs the single-process engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sedac_ray.model.loading import ACCEPTED_SPECS, DEFAULT_MODEL
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec: {ACCEPTED_SPECS}")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)"
+    )
+
+
+def _add_policy_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("exit policy (default: tau=0.99, K=3)")
+    group.add_argument("--tau", type=float, help="stability threshold in (0, 1]")
+    group.add_argument("--k", type=int, help="consecutive stable layers needed to exit (default 3)")
+    group.add_argument("--min-layer", type=int, help="never exit before this layer (1..L)")
+    group.add_argument(
+        "--window", type=int, help="sliding-window rule: exit when K of the last N layers are stable"
+    )
+    group.add_argument("--no-exit", action="store_true", help="disable early exit (full-depth decoding)")
+
+
+def _policy(args):
+    from sedac_ray.policy import DEFAULT_POLICY
+
+    return DEFAULT_POLICY.with_overrides(
+        tau=args.tau, k=args.k, min_layer=args.min_layer, window=args.window, disable=args.no_exit
+    )
+
+
+def cmd_generate(args) -> int:
+    from sedac_ray.engine import Engine
+    from sedac_ray.model.loading import load_model
+
+    policy = _policy(args)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine(loaded, policy)
+    result = engine.generate(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        chat=args.chat,
+    )[0]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": loaded.name,
+                    "num_layers": engine.num_layers,
+                    "policy": policy.describe(),
+                    "prompt_token_ids": result.prompt_token_ids,
+                    "token_ids": result.token_ids,
+                    "text": result.text,
+                    "exit_layers": result.exit_layers,
+                    "mean_layers": round(result.mean_layers, 3),
+                    "finish_reason": result.finish_reason,
+                }
+            )
+        )
+    else:
+        print(result.text)
+        saved = 1 - result.mean_layers / engine.num_layers
+        print(
+            f"[{len(result.token_ids)} tokens, policy {policy.describe()}, mean layers "
+            f"{result.mean_layers:.1f}/{engine.num_layers} ({saved:.0%} saved), finish: {result.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sedac", description="Early-exit LLM inference and serving")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate text with the single-process engine")
+    generate.add_argument("--prompt", required=True, help="prompt text (a user message with --chat)")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", help="stop string (repeatable)")
+    generate.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_model_args(generate)
+    _add_policy_args(generate)
+    generate.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"sedac: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

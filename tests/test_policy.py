@@ -1,0 +1,89 @@
+"""The exit rule on hand-made stabilities, and its validation."""
+
+import math
+
+import pytest
+import torch
+
+from sedac_ray.policy import DEFAULT_POLICY, ExitPolicy
+
+
+def exits_for(policy: ExitPolicy, stabilities: list[float]) -> int:
+    """Exit layer for one token; ``stabilities[l-1]`` is s_l (entry 0 unused)."""
+    return int(policy.exit_layers(torch.tensor([stabilities]))[0])
+
+
+def test_patience_counts_consecutive_stable_layers_from_layer_two():
+    nan = math.nan
+    # s_2..s_4 > tau -> c_4 = 3 -> exit after layer 4.
+    assert exits_for(ExitPolicy(0.9, k=3), [nan, 0.95, 0.95, 0.95, 0.1, 0.1, 0.1, 0.1]) == 4
+    # A dip resets the counter: stable at 2,3, unstable 4, stable 5,6,7 -> exit at 7.
+    assert exits_for(ExitPolicy(0.9, k=3), [nan, 0.95, 0.95, 0.5, 0.95, 0.95, 0.95, 0.1]) == 7
+    # Strictly greater than tau.
+    assert exits_for(ExitPolicy(0.9, k=1), [nan, 0.9, 0.9, 0.91, 0.0]) == 4
+
+
+def test_no_exit_runs_all_layers_and_min_layer_defers_exit():
+    nan = math.nan
+    assert exits_for(ExitPolicy(0.99, k=3), [nan] + [0.5] * 7) == 8
+    assert exits_for(ExitPolicy(0.9, k=2, min_layer=6), [nan] + [0.95] * 7) == 6
+    assert exits_for(ExitPolicy.disabled(), [nan] + [1.0] * 7) == 8
+
+
+def test_window_rule_counts_k_of_last_n():
+    nan = math.nan
+    # 2 of the last 3 stable: s_2 stable, s_3 not, s_4 stable -> exit at 4.
+    assert exits_for(ExitPolicy(0.9, k=2, window=3), [nan, 0.95, 0.5, 0.95, 0.5, 0.5]) == 4
+    # Patience with K=2 would need two in a row and wait.
+    assert exits_for(ExitPolicy(0.9, k=2), [nan, 0.95, 0.5, 0.95, 0.5, 0.5, 0.95, 0.95, 0.5]) == 8
+    # The window forgets: stable at 2 only, then 3 unstable layers -> never 2 in a window of 2.
+    assert exits_for(ExitPolicy(0.9, k=2, window=2), [nan, 0.95, 0.5, 0.95, 0.5, 0.95]) == 6
+
+
+def test_step_matches_exit_layers_per_token():
+    torch.manual_seed(0)
+    policy = ExitPolicy(0.5, k=2)
+    hidden = [torch.randn(5, 8)]
+    for _ in range(6):
+        hidden.append(hidden[-1] + 0.6 * torch.randn(5, 8))
+    state = policy.initial_state(5, "cpu")
+    first_exit = torch.full((5,), 6)
+    stabilities = torch.full((5, 6), math.nan)
+    for layer in range(1, 7):
+        state, exits = policy.step(layer, hidden[layer], hidden[layer - 1], state)
+        if layer >= 2:
+            stabilities[:, layer - 1] = torch.nn.functional.cosine_similarity(
+                hidden[layer], hidden[layer - 1], dim=-1
+            )
+        first_exit = torch.where(exits & (first_exit == 6), torch.tensor(layer), first_exit)
+    assert torch.equal(first_exit, policy.exit_layers(stabilities))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(tau=0.0), "tau"),
+        (dict(tau=1.5), "tau"),
+        (dict(tau=-0.1), "tau"),
+        (dict(tau=math.nan), "tau"),
+        (dict(tau=0.9, k=0), "k"),
+        (dict(tau=0.9, min_layer=0), "min_layer"),
+        (dict(tau=0.9, k=4, window=3), "k"),
+    ],
+)
+def test_invalid_values_name_the_field_and_range(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field} must"):
+        ExitPolicy(**kwargs)
+
+
+def test_min_layer_checked_against_depth():
+    with pytest.raises(ValueError, match=r"min_layer must be in 1\.\.30"):
+        ExitPolicy(0.9, min_layer=31).validate_for(30)
+    assert ExitPolicy(0.9, min_layer=30).validate_for(30).min_layer == 30
+
+
+def test_overrides_and_default():
+    assert DEFAULT_POLICY.tau == 0.99 and DEFAULT_POLICY.k == 3
+    assert not DEFAULT_POLICY.with_overrides(disable=True).enabled
+    assert DEFAULT_POLICY.with_overrides(tau=0.95) == ExitPolicy(0.95, k=3)
+    assert ExitPolicy.disabled().with_overrides(k=2) == ExitPolicy(0.99, k=2)
