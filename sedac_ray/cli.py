@@ -73,7 +73,8 @@ def cmd_generate(args) -> int:
         saved = 1 - result.mean_layers / engine.num_layers
         print(
             f"[{len(result.token_ids)} tokens, policy {policy.describe()}, mean layers "
-            f"{result.mean_layers:.1f}/{engine.num_layers} ({saved:.0%} saved), finish: {result.finish_reason}]",
+            f"{result.mean_layers:.1f}/{engine.num_layers} ({saved:.0%} saved), "
+            f"finish: {result.finish_reason}]",
             file=sys.stderr,
         )
     return 0
