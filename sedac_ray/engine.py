@@ -36,6 +36,16 @@ class GenerationResult:
         return sum(self.exit_layers) / len(self.exit_layers) if self.exit_layers else float(self.num_layers)
 
 
+@dataclass
+class _TokenChooser:
+    """How one generate call picks and stops tokens."""
+
+    params: SamplingParams
+    generators: list  # one torch.Generator (or None) per sequence
+    stop: list[str]
+    eos_ids: set[int]
+
+
 class Engine:
     """``Engine(model, policy=None)``: ``model`` is a :class:`LoadedModel` from :func:`load_model`.
     Without a policy it uses :data:`DEFAULT_POLICY` (tau=0.99, K=3), which keeps quality close to
@@ -89,8 +99,10 @@ class Engine:
         stop: Sequence[str] | None = None,
         chat: bool = False,
         policy: ExitPolicy | None = None,
+        ignore_eos: bool = False,
     ) -> list[GenerationResult]:
-        """Generate for a batch of prompts (strings, or message lists with ``chat=True``)."""
+        """Generate for a batch of prompts (strings, or message lists with ``chat=True``).
+        ``ignore_eos`` keeps generating past EOS (for benchmarks that need a fixed length)."""
         if isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]
         if not prompts:
@@ -102,7 +114,7 @@ class Engine:
         stop = [s for s in (stop or []) if s]
         prompt_ids = [self.encode(p, chat) for p in prompts]
         self._check_lengths(prompt_ids, max_new_tokens)
-        return self.generate_ids(prompt_ids, max_new_tokens, params, stop, policy)
+        return self.generate_ids(prompt_ids, max_new_tokens, params, stop, policy, ignore_eos)
 
     def generate_ids(
         self,
@@ -111,13 +123,19 @@ class Engine:
         params: SamplingParams,
         stop: list[str],
         policy: ExitPolicy,
+        ignore_eos: bool = False,
     ) -> list[GenerationResult]:
         adapter = self.adapter
         device = adapter.device
         batch = len(prompt_ids)
         layers = LayerRange(adapter, 0, self.num_layers)
         slots = torch.tensor(layers.cache.allocate(batch))
-        generators = [params.generator(device) for _ in range(batch)]
+        choose = _TokenChooser(
+            params,
+            [params.generator(device) for _ in range(batch)],
+            stop,
+            set() if ignore_eos else self.eos_ids,
+        )
         results = [
             GenerationResult("", [], [], "length", prompt_token_ids=ids, num_layers=self.num_layers)
             for ids in prompt_ids
@@ -130,15 +148,7 @@ class Engine:
         positions = torch.arange(width).expand(batch, width)
         hidden = layers.prefill(slots, positions, adapter.embed_tokens(padded.to(device)))
         last = hidden[torch.arange(batch, device=device), (lengths - 1).to(device)]
-        self._emit(
-            results,
-            list(range(batch)),
-            adapter.logits(last),
-            [self.num_layers] * batch,
-            params,
-            generators,
-            stop,
-        )
+        self._emit(results, list(range(batch)), adapter.logits(last), [self.num_layers] * batch, choose)
 
         positions = lengths.clone()
         for _ in range(max_new_tokens - 1):
@@ -156,30 +166,24 @@ class Engine:
             )
             exited = layers.decode(rows, policy).exited
             positions[index] += 1
-            order = exited.ids.tolist()
-            self._emit(
-                results,
-                order,
-                adapter.logits(exited.hidden),
-                exited.exit_layer.tolist(),
-                params,
-                generators,
-                stop,
-            )
+            logits = adapter.logits(exited.hidden)
+            self._emit(results, exited.ids.tolist(), logits, exited.exit_layer.tolist(), choose)
         for r in results:
             r.text = self._text(r.token_ids, stop)
         return results
 
     # ---- per-token bookkeeping ---------------------------------------------------------------
 
-    def _emit(self, results, row_ids, logits, exit_layers, params, generators, stop) -> None:
-        greedy = logits.argmax(dim=-1).tolist() if params.greedy else None
+    def _emit(self, results, row_ids, logits, exit_layers, choose: _TokenChooser) -> None:
+        greedy = logits.argmax(dim=-1).tolist() if choose.params.greedy else None
         for n, (row, layer) in enumerate(zip(row_ids, exit_layers, strict=True)):
-            token = greedy[n] if greedy is not None else sample(logits[n], params, generators[row])
+            token = (
+                greedy[n] if greedy is not None else sample(logits[n], choose.params, choose.generators[row])
+            )
             result = results[row]
             result.token_ids.append(token)
             result.exit_layers.append(int(layer))
-            if token in self.eos_ids or (stop and self._hit_stop(result.token_ids, stop)):
+            if token in choose.eos_ids or (choose.stop and self._hit_stop(result.token_ids, choose.stop)):
                 result.finish_reason = "stop"
 
     def _finished(self, result: GenerationResult, max_new_tokens: int) -> bool:
