@@ -151,6 +151,7 @@ class Engine:
         self._emit(results, list(range(batch)), adapter.logits(last), [self.num_layers] * batch, choose)
 
         positions = lengths.clone()
+        rules = policy.rules(batch)
         for _ in range(max_new_tokens - 1):
             active = [i for i, r in enumerate(results) if not self._finished(r, max_new_tokens)]
             if not active:
@@ -162,9 +163,9 @@ class Engine:
                 slots=slots[index],
                 positions=positions[index],
                 hidden=adapter.embed_tokens(tokens),
-                state=policy.initial_state(len(active), device),
+                rules=rules[index],
             )
-            exited = layers.decode(rows, policy).exited
+            exited = layers.decode(rows).exited
             positions[index] += 1
             logits = adapter.logits(exited.hidden)
             self._emit(results, exited.ids.tolist(), logits, exited.exit_layer.tolist(), choose)

@@ -25,7 +25,10 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class ExitPolicy:
-    """``ExitPolicy(tau, k=3, min_layer=None, window=None)``; ``ExitPolicy.disabled()`` never exits."""
+    """``ExitPolicy(tau, k=3, min_layer=None, window=None)``; ``ExitPolicy.disabled()`` never exits.
+
+    The runtime applies policies as rows of a rules tensor (:meth:`rules`, :func:`decide`), so one
+    batch can mix requests with different policies."""
 
     tau: float = 1.0
     k: int = 3
@@ -85,43 +88,51 @@ class ExitPolicy:
 
     # ---- the rule, applied one layer at a time ----------------------------------------------
 
-    def initial_state(self, count: int, device) -> torch.Tensor:
-        return torch.zeros(count, dtype=torch.long, device=device)
+    def rule(self) -> list[float]:
+        """This policy as one row of a rules tensor: ``[tau, k, min_layer, window]``. Rows of one
+        batch may hold different policies (one per request). A disabled policy has ``tau = inf``:
+        nothing is ever stable, so nothing exits."""
+        if not self.enabled:
+            return [math.inf, 1.0, 1.0, 0.0]
+        return [float(self.tau), float(self.k), float(self.min_layer or 1), float(self.window or 0)]
 
-    def step(self, layer: int, hidden: torch.Tensor, previous: torch.Tensor, state: torch.Tensor):
-        """After layer ``layer`` (1-based) produced ``hidden`` from ``previous``: the new state and a
-        bool mask of tokens that exit here. ``hidden``/``previous`` are ``[tokens, hidden_size]``."""
-        if layer < 2:
-            return state, torch.zeros_like(state, dtype=torch.bool)
-        return self._decide(layer, stability(hidden, previous) > self.tau, state)
+    def rules(self, count: int) -> torch.Tensor:
+        return torch.tensor([self.rule()], dtype=torch.float32).expand(count, RULE_WIDTH).contiguous()
 
     def exit_layers(self, stabilities: torch.Tensor) -> torch.Tensor:
         """Exit layer (1..L) of each token from its stabilities ``[tokens, L]`` (column ``l-1`` holds
         ``s_l``; column 0 is ignored). Used by analysis tools on recorded stabilities."""
         tokens, num_layers = stabilities.shape
+        rules = self.rules(tokens)
         exit_at = torch.full((tokens,), num_layers, dtype=torch.long)
-        if not self.enabled:
-            return exit_at
-        state = self.initial_state(tokens, stabilities.device)
+        state = torch.zeros(tokens, dtype=torch.long)
         decided = torch.zeros(tokens, dtype=torch.bool)
         for layer in range(2, num_layers + 1):
-            state, exits = self._decide(layer, stabilities[:, layer - 1] > self.tau, state)
-            newly = exits & ~decided
-            exit_at[newly] = layer
+            state, exits = decide(layer, stabilities[:, layer - 1].cpu(), state, rules)
+            exit_at[exits & ~decided] = layer
             decided |= exits
         return exit_at
 
-    def _decide(self, layer: int, stable: torch.Tensor, state: torch.Tensor):
-        if self.window:
-            state = ((state << 1) | stable.long()) & ((1 << self.window) - 1)
-            count = _popcount(state, self.window)
-        else:
-            state = torch.where(stable, state + 1, torch.zeros_like(state))
-            count = state
-        exits = count >= self.k
-        if self.min_layer is not None and layer < self.min_layer:
-            exits = torch.zeros_like(exits)
-        return state, exits
+
+RULE_WIDTH = 4
+
+
+def decide(layer: int, stabilities: torch.Tensor, state: torch.Tensor, rules: torch.Tensor):
+    """Apply each row's rule after layer ``layer`` (1-based, ``>= 2``) given that layer's
+    stabilities ``s_l`` (``[n]``). ``state`` is the patience counter, or for window rules the bit
+    history of recent stable flags. Returns the new state and the bool mask of rows that exit."""
+    tau, k, min_layer, window = rules.unbind(dim=1)
+    stable = stabilities > tau
+    patience = torch.where(stable, state + 1, torch.zeros_like(state))
+    new_state, count = patience, patience
+    windowed = window > 0
+    if bool(windowed.any()):
+        bits = window.long()
+        history = ((state << 1) | stable.long()) & ((1 << bits) - 1)
+        new_state = torch.where(windowed, history, patience)
+        count = torch.where(windowed, _popcount(history, int(bits.max())), patience)
+    exits = (count >= k) & (layer >= min_layer)
+    return new_state, exits
 
 
 def stability(hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sedac_ray.policy import DEFAULT_POLICY, ExitPolicy
+from sedac_ray.policy import DEFAULT_POLICY, ExitPolicy, decide
 
 
 def exits_for(policy: ExitPolicy, stabilities: list[float]) -> int:
@@ -40,23 +40,23 @@ def test_window_rule_counts_k_of_last_n():
     assert exits_for(ExitPolicy(0.9, k=2, window=2), [nan, 0.95, 0.5, 0.95, 0.5, 0.95]) == 6
 
 
-def test_step_matches_exit_layers_per_token():
+def test_mixed_rules_in_one_batch_equal_each_rule_alone():
     torch.manual_seed(0)
-    policy = ExitPolicy(0.5, k=2)
-    hidden = [torch.randn(5, 8)]
-    for _ in range(6):
-        hidden.append(hidden[-1] + 0.6 * torch.randn(5, 8))
-    state = policy.initial_state(5, "cpu")
-    first_exit = torch.full((5,), 6)
-    stabilities = torch.full((5, 6), math.nan)
-    for layer in range(1, 7):
-        state, exits = policy.step(layer, hidden[layer], hidden[layer - 1], state)
-        if layer >= 2:
-            stabilities[:, layer - 1] = torch.nn.functional.cosine_similarity(
-                hidden[layer], hidden[layer - 1], dim=-1
-            )
-        first_exit = torch.where(exits & (first_exit == 6), torch.tensor(layer), first_exit)
-    assert torch.equal(first_exit, policy.exit_layers(stabilities))
+    stabilities = torch.rand(6, 12) * 0.2 + 0.8
+    policies = [
+        ExitPolicy(0.85, k=2),
+        ExitPolicy.disabled(),
+        ExitPolicy(0.82, k=3, window=5, min_layer=6),
+    ] * 2
+    rules = torch.cat([p.rules(1) for p in policies])
+    state = torch.zeros(6, dtype=torch.long)
+    first_exit = torch.full((6,), 12)
+    for layer in range(2, 13):
+        state, exits = decide(layer, stabilities[:, layer - 1], state, rules)
+        first_exit = torch.where(exits & (first_exit == 12), torch.tensor(layer), first_exit)
+    for row, policy in enumerate(policies):
+        assert first_exit[row] == policy.exit_layers(stabilities[row : row + 1])[0]
+    assert first_exit[1] == 12 and (first_exit[[0, 2]] < 12).all()
 
 
 @pytest.mark.parametrize(

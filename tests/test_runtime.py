@@ -38,7 +38,7 @@ def decode_rows(adapter, slots, lengths, tokens, policy):
         slots=slots,
         positions=lengths.clone(),
         hidden=hidden,
-        state=policy.initial_state(len(slots), "cpu"),
+        rules=policy.rules(len(slots)),
     )
 
 
@@ -50,7 +50,7 @@ def adapter(smollm2):
 def test_forced_exit_stores_propagated_kv_in_deeper_layers(adapter, smollm2):
     (whole,), slots, lengths, tokens = prefilled(adapter, smollm2.tokenizer, [(0, 30)])
     policy = ExitPolicy(0.01, k=1, min_layer=10)  # every token exits right after layer 10
-    out = whole.decode(decode_rows(adapter, slots, lengths, tokens, policy), policy)
+    out = whole.decode(decode_rows(adapter, slots, lengths, tokens, policy))
     assert out.exited.exit_layer.tolist() == [10, 10, 10]
     model = smollm2.model
     for row, slot in enumerate(slots.tolist()):
@@ -82,9 +82,9 @@ def test_only_continuing_tokens_run_deeper_layers(adapter, smollm2):
     handles = [layer.register_forward_pre_hook(count, with_kwargs=True) for layer in adapter.layers]
     policy = ExitPolicy(0.01, k=1, min_layer=12)
     rows = decode_rows(adapter, slots, lengths, tokens, policy)
-    rows.state = torch.tensor([0, 0, -1000])  # row 2 would need 1001 stable layers: it never exits
+    rows.rules[2] = torch.tensor(ExitPolicy.disabled().rule())  # row 2 never exits
     try:
-        out = whole.decode(rows, policy)
+        out = whole.decode(rows)
     finally:
         for handle in handles:
             handle.remove()
@@ -103,10 +103,10 @@ def test_split_ranges_equal_one_range(adapter, smollm2, policy):
     the same exits, the same hidden states, and the same K/V in every layer."""
     (whole,), slots, lengths, tokens = prefilled(adapter, smollm2.tokenizer, [(0, 30)])
     parts, _, _, _ = prefilled(adapter, smollm2.tokenizer, [(0, 7), (7, 19), (19, 30)])
-    reference = whole.decode(decode_rows(adapter, slots, lengths, tokens, policy), policy).exited
+    reference = whole.decode(decode_rows(adapter, slots, lengths, tokens, policy)).exited
     rows, fill, exited = decode_rows(adapter, slots, lengths, tokens, policy), None, []
     for part in parts:
-        out = part.decode(rows, policy, fill)
+        out = part.decode(rows, fill)
         exited.append(out.exited)
         rows, fill = out.continuing, out.fill
     chained = TokenRows.concat(exited)
@@ -119,6 +119,22 @@ def test_split_ranges_equal_one_range(adapter, smollm2, policy):
             torch.testing.assert_close(
                 owner.cache.read(index, slot, length), whole.cache.read(index, slot, length)
             )
+
+
+def test_rows_with_different_policies_decide_independently(adapter, smollm2):
+    policies = [ExitPolicy(0.96, k=2), ExitPolicy.disabled(), ExitPolicy(0.9, k=2, window=4, min_layer=8)]
+    (mixed,), slots, lengths, tokens = prefilled(adapter, smollm2.tokenizer, [(0, 30)])
+    rows = decode_rows(adapter, slots, lengths, tokens, policies[0])
+    rows.rules = torch.cat([p.rules(1) for p in policies])
+    together = mixed.decode(rows).exited
+    for row, policy in enumerate(policies):
+        (alone,), _, _, _ = prefilled(adapter, smollm2.tokenizer, [(0, 30)])
+        single = alone.decode(decode_rows(adapter, slots, lengths, tokens, policy)).exited
+        here = together.ids.tolist().index(row)
+        there = single.ids.tolist().index(row)
+        assert together.exit_layer[here] == single.exit_layer[there]
+        torch.testing.assert_close(together.hidden[here], single.hidden[there], rtol=1e-3, atol=1e-3)
+    assert together.exit_layer[together.ids.tolist().index(1)] == 30
 
 
 def test_kv_cache_slots_are_reused_and_growth_keeps_contents():

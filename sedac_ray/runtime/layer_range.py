@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from sedac_ray.model.adapter import ModelAdapter
-from sedac_ray.policy import ExitPolicy
+from sedac_ray.policy import RULE_WIDTH, decide, stability
 from sedac_ray.runtime.kv_cache import CacheView, SlotKVCache
 
 
@@ -30,8 +30,13 @@ class TokenRows:
     slots: torch.Tensor  # [n] KV cache slot of the row's sequence
     positions: torch.Tensor  # [n] position of the row's token in its sequence
     hidden: torch.Tensor  # [n, hidden_size] on the model's device
-    state: torch.Tensor  # [n] exit-policy state (CPU or device; see ExitPolicy)
+    rules: torch.Tensor  # [n, RULE_WIDTH] each row's exit policy (ExitPolicy.rules)
+    state: torch.Tensor | None = None  # [n] exit-policy state; zeros when a token starts decoding
     exit_layer: torch.Tensor | None = None  # [n] layers executed, set once a row exits
+
+    def __post_init__(self) -> None:
+        if self.state is None:
+            self.state = torch.zeros(len(self.ids), dtype=torch.long)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -43,7 +48,8 @@ class TokenRows:
             slots=self.slots[index],
             positions=self.positions[index],
             hidden=self.hidden[device_index],
-            state=self.state[index.to(self.state.device)],
+            rules=self.rules[index],
+            state=self.state[index],
             exit_layer=None if self.exit_layer is None else self.exit_layer[index],
         )
 
@@ -58,6 +64,7 @@ class TokenRows:
             slots=torch.cat([p.slots for p in parts]),
             positions=torch.cat([p.positions for p in parts]),
             hidden=torch.cat([p.hidden for p in parts]),
+            rules=torch.cat([p.rules for p in parts]),
             state=torch.cat([p.state for p in parts]),
             exit_layer=None if any(e is None for e in exit_layers) else torch.cat(exit_layers),
         )
@@ -65,9 +72,8 @@ class TokenRows:
     @staticmethod
     def empty(hidden_size: int, device, dtype) -> TokenRows:
         none = torch.zeros(0, dtype=torch.long)
-        return TokenRows(
-            none, none, none, torch.zeros(0, hidden_size, device=device, dtype=dtype), none, none
-        )
+        hidden = torch.zeros(0, hidden_size, device=device, dtype=dtype)
+        return TokenRows(none, none, none, hidden, torch.zeros(0, RULE_WIDTH), none, none)
 
 
 @dataclass
@@ -156,12 +162,13 @@ class LayerRange:
         return hidden
 
     @torch.inference_mode()
-    def decode(self, rows: TokenRows, policy: ExitPolicy, fill: TokenRows | None = None) -> RangeOutput:
-        """One decode step for ``rows`` (one token each), plus K/V propagation for ``fill`` rows
-        that exited in an earlier range."""
+    def decode(self, rows: TokenRows, fill: TokenRows | None = None) -> RangeOutput:
+        """One decode step for ``rows`` (one token each, each with its own exit rule), plus K/V
+        propagation for ``fill`` rows that exited in an earlier range."""
         num_layers = self.adapter.num_layers
         adapter = self.adapter
         rows = replace(rows)  # the policy state is updated in place below; leave the caller's alone
+        any_rule = bool((rows.rules[:, 0] <= 1.0).any())  # disabled rules have tau = inf
         fill = fill if fill is not None and len(fill) else None
         fill_context = self._fill_context(fill)
         context = self._context(rows) if len(rows) else None
@@ -174,12 +181,13 @@ class LayerRange:
                 continue
             out = context.run(index, hidden)
             layer = index + 1
-            if policy.enabled and layer < num_layers:
-                state, exits = policy.step(layer, out[:, 0], hidden[:, 0], rows.state)
-                rows.state = state
+            if any_rule and 2 <= layer < num_layers:
+                rows.state, exits = decide(
+                    layer, stability(out[:, 0], hidden[:, 0]).cpu(), rows.state, rows.rules
+                )
                 if bool(exits.any()):
-                    gone = exits.nonzero()[:, 0].cpu()
-                    keep = (~exits).nonzero()[:, 0].cpu()
+                    gone = exits.nonzero()[:, 0]
+                    keep = (~exits).nonzero()[:, 0]
                     done = replace(rows.select(gone), hidden=out[gone.to(out.device), 0])
                     done.exit_layer = torch.full((len(gone),), layer, dtype=torch.long)
                     exited.append(done)
