@@ -135,26 +135,30 @@ def main() -> None:
                 row["achieved_speedup"] / row["ideal_speedup_batch_aware"]
             )
 
-    header = (
-        f"{'config':<22}{'batch':>6}{'median s':>10}{'tok/s':>8}{'vs HF':>7}{'layers':>8}"
-        f"{'ideal':>7}{'achieved':>9}{'ach/ideal':>10}{'ideal(b)':>9}{'ach/ideal(b)':>13}"
-    )
+    columns = [  # (header, key, width and format)
+        ("config", "config", "<22"),
+        ("batch", "batch", ">6"),
+        ("median s", "seconds_median", ">10.2f"),
+        ("tok/s", "tokens_per_s", ">8.1f"),
+        ("vs HF", "time_vs_hf", ">7.2f"),
+        ("layers", "mean_layers", ">8.1f"),
+        ("ideal", "ideal_speedup", ">7.2f"),
+        ("achieved", "achieved_speedup", ">9.2f"),
+        ("ach/ideal", "achieved_over_ideal", ">10.2f"),
+        ("ideal(b)", "ideal_speedup_batch_aware", ">9.2f"),
+        ("ach/ideal(b)", "achieved_over_batch_aware_ideal", ">13.2f"),
+    ]
+
+    def cell(value, spec: str) -> str:
+        width = spec[1:].split(".")[0].rstrip("f")
+        return format(value, spec) if value is not None else format("-", f">{width}")
+
+    header = "".join(format(name, spec[0] + spec[1:].split(".")[0].rstrip("f")) for name, _, spec in columns)
     print()
     print(header)
     print("-" * len(header))
-
-    def fmt(value, spec):
-        width = int(spec.strip(">").split(".")[0])
-        return format(value, spec) if value is not None else "-".rjust(width)
-
     for row in rows:
-        print(
-            f"{row['config']:<22}{row['batch']:>6}{row['seconds_median']:>10.2f}{row['tokens_per_s']:>8.1f}"
-            f"{fmt(row.get('time_vs_hf'), '>7.2f')}{fmt(row.get('mean_layers'), '>8.1f')}"
-            f"{fmt(row.get('ideal_speedup'), '>7.2f')}{fmt(row.get('achieved_speedup'), '>9.2f')}"
-            f"{fmt(row.get('achieved_over_ideal'), '>10.2f')}{fmt(row.get('ideal_speedup_batch_aware'), '>9.2f')}"
-            f"{fmt(row.get('achieved_over_batch_aware_ideal'), '>13.2f')}"
-        )
+        print("".join(cell(row.get(key), spec) for _, key, spec in columns))
     report = {
         "model": loaded.name,
         "num_layers": num_layers,
