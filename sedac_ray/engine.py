@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sedac_ray.completion import Completion, eos_token_ids
 from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.model.loading import LoadedModel
 from sedac_ray.policy import DEFAULT_POLICY, ExitPolicy
 from sedac_ray.runtime.layer_range import LayerRange, TokenRows
-from sedac_ray.sampling import SamplingParams, sample
+from sedac_ray.sampling import SamplingParams, choose_tokens
 
 Prompt = str | Sequence[dict]
 
@@ -36,16 +37,6 @@ class GenerationResult:
         return sum(self.exit_layers) / len(self.exit_layers) if self.exit_layers else float(self.num_layers)
 
 
-@dataclass
-class _TokenChooser:
-    """How one generate call picks and stops tokens."""
-
-    params: SamplingParams
-    generators: list  # one torch.Generator (or None) per sequence
-    stop: list[str]
-    eos_ids: set[int]
-
-
 class Engine:
     """``Engine(model, policy=None)``: ``model`` is a :class:`LoadedModel` from :func:`load_model`.
     Without a policy it uses :data:`DEFAULT_POLICY` (tau=0.99, K=3), which keeps quality close to
@@ -57,7 +48,9 @@ class Engine:
         self.adapter = ModelAdapter(model.model)
         self.num_layers = self.adapter.num_layers
         self.policy = (policy or DEFAULT_POLICY).validate_for(self.num_layers)
-        self.eos_ids = _eos_ids(model)
+        self.eos_ids = eos_token_ids(
+            [getattr(model.model, "generation_config", None), model.model.config], model.tokenizer
+        )
 
     # ---- input handling -----------------------------------------------------------------
 
@@ -130,16 +123,8 @@ class Engine:
         batch = len(prompt_ids)
         layers = LayerRange(adapter, 0, self.num_layers)
         slots = torch.tensor(layers.cache.allocate(batch))
-        choose = _TokenChooser(
-            params,
-            [params.generator(device) for _ in range(batch)],
-            stop,
-            set() if ignore_eos else self.eos_ids,
-        )
-        results = [
-            GenerationResult("", [], [], "length", prompt_token_ids=ids, num_layers=self.num_layers)
-            for ids in prompt_ids
-        ]
+        eos_ids = set() if ignore_eos else self.eos_ids
+        completions = [Completion(self.tokenizer, max_new_tokens, eos_ids, stop) for _ in prompt_ids]
 
         # Prefill: right-padded prompts, full depth; each row's logits from its last real token.
         lengths = torch.tensor([len(ids) for ids in prompt_ids])
@@ -148,65 +133,38 @@ class Engine:
         positions = torch.arange(width).expand(batch, width)
         hidden = layers.prefill(slots, positions, adapter.embed_tokens(padded.to(device)))
         last = hidden[torch.arange(batch, device=device), (lengths - 1).to(device)]
-        self._emit(results, list(range(batch)), adapter.logits(last), [self.num_layers] * batch, choose)
+        tokens = choose_tokens(adapter.logits(last), [params] * batch, (lengths - 1).tolist())
+        for completion, token in zip(completions, tokens, strict=True):
+            completion.add(token, self.num_layers)
 
         positions = lengths.clone()
         rules = policy.rules(batch)
-        for _ in range(max_new_tokens - 1):
-            active = [i for i, r in enumerate(results) if not self._finished(r, max_new_tokens)]
-            if not active:
-                break
+        while active := [i for i, c in enumerate(completions) if not c.finished]:
             index = torch.tensor(active)
-            tokens = torch.tensor([results[i].token_ids[-1] for i in active], device=device)
+            inputs = torch.tensor([completions[i].token_ids[-1] for i in active], device=device)
             rows = TokenRows(
                 ids=index,
                 slots=slots[index],
                 positions=positions[index],
-                hidden=adapter.embed_tokens(tokens),
+                hidden=adapter.embed_tokens(inputs),
                 rules=rules[index],
             )
             exited = layers.decode(rows).exited
-            positions[index] += 1
-            logits = adapter.logits(exited.hidden)
-            self._emit(results, exited.ids.tolist(), logits, exited.exit_layer.tolist(), choose)
-        for r in results:
-            r.text = self._text(r.token_ids, stop)
-        return results
-
-    # ---- per-token bookkeeping ---------------------------------------------------------------
-
-    def _emit(self, results, row_ids, logits, exit_layers, choose: _TokenChooser) -> None:
-        greedy = logits.argmax(dim=-1).tolist() if choose.params.greedy else None
-        for n, (row, layer) in enumerate(zip(row_ids, exit_layers, strict=True)):
-            token = (
-                greedy[n] if greedy is not None else sample(logits[n], choose.params, choose.generators[row])
+            rows_out = exited.ids.tolist()
+            tokens = choose_tokens(
+                adapter.logits(exited.hidden), [params] * len(rows_out), positions[exited.ids].tolist()
             )
-            result = results[row]
-            result.token_ids.append(token)
-            result.exit_layers.append(int(layer))
-            if token in choose.eos_ids or (choose.stop and self._hit_stop(result.token_ids, choose.stop)):
-                result.finish_reason = "stop"
-
-    def _finished(self, result: GenerationResult, max_new_tokens: int) -> bool:
-        return result.finish_reason == "stop" or len(result.token_ids) >= max_new_tokens
-
-    def _hit_stop(self, token_ids: list[int], stop: list[str]) -> bool:
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        return any(s in text for s in stop)
-
-    def _text(self, token_ids: list[int], stop: list[str]) -> str:
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        cut = min((text.find(s) for s in stop if s in text), default=-1)
-        return text[:cut] if cut >= 0 else text
-
-
-def _eos_ids(model: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model.model, "generation_config", None), model.model.config):
-        eos = getattr(source, "eos_token_id", None)
-        if eos is not None:
-            ids.update([eos] if isinstance(eos, int) else eos)
-    tokenizer_eos = getattr(model.tokenizer, "eos_token_id", None)
-    if tokenizer_eos is not None:
-        ids.add(int(tokenizer_eos))
-    return ids
+            positions[index] += 1
+            for row, token, layer in zip(rows_out, tokens, exited.exit_layer.tolist(), strict=True):
+                completions[row].add(token, layer)
+        return [
+            GenerationResult(
+                text=c.text,
+                token_ids=c.token_ids,
+                exit_layers=c.exit_layers,
+                finish_reason=c.finish_reason,
+                prompt_token_ids=ids,
+                num_layers=self.num_layers,
+            )
+            for c, ids in zip(completions, prompt_ids, strict=True)
+        ]

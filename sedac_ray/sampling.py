@@ -28,13 +28,25 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generator(self, device) -> torch.Generator | None:
-        """One generator per sequence, so a sequence samples the same alone or in a batch."""
+    def generator(self, position: int, device) -> torch.Generator | None:
+        """A generator seeded by (seed, position): sampling is stateless, so a sequence samples the
+        same alone or in a batch, in the engine or in any replica of the serving pipeline."""
         if self.greedy or self.seed is None:
             return None
         generator = torch.Generator(device=device)
-        generator.manual_seed(int(self.seed))
+        generator.manual_seed((int(self.seed) * 1_000_003 + int(position)) % (1 << 63))
         return generator
+
+
+def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
+    """One token per row of ``logits`` (``[rows, vocab]``); ``positions`` are the positions of
+    the tokens whose logits these are (they seed sampling)."""
+    if all(p.greedy for p in params):
+        return logits.argmax(dim=-1).tolist()
+    return [
+        sample(row, p, p.generator(position, logits.device))
+        for row, p, position in zip(logits, params, positions, strict=True)
+    ]
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

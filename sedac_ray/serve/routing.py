@@ -1,0 +1,42 @@
+"""Sticky routing: a sequence's KV lives in one replica of each stage, so its steps must go there.
+
+A stage replica that takes a sequence's prefill reports its replica id; the front door records
+one id per stage (the sequence's *route*) and sends every later message for that sequence with
+``session_id=pin(replica_id)``. :class:`PinnedReplicaRouter` sends such a message to exactly that
+replica, and any other message (a new sequence's prefill) to the less loaded of two random
+replicas. Explicit pins stay correct when a stage scales: existing sequences keep their
+replicas, new sequences spread over all of them.
+"""
+
+from __future__ import annotations
+
+import random
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+_PIN_PREFIX = "sedac-replica:"
+
+
+def pin(replica_id: str) -> str:
+    """The ``session_id`` that routes a request to replica ``replica_id``."""
+    return _PIN_PREFIX + replica_id
+
+
+def pinned_replica(session_id: str | None) -> str | None:
+    if session_id and session_id.startswith(_PIN_PREFIX):
+        return session_id[len(_PIN_PREFIX) :]
+    return None
+
+
+class PinnedReplicaRouter(FIFOMixin, RequestRouter):
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        target = pinned_replica(pending_request.metadata.session_id) if pending_request else None
+        if target is not None:
+            # Only the pinned replica holds this sequence's KV; if it is gone, nothing else can
+            # serve the request and the caller's timeout reports it.
+            return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
+        if len(candidate_replicas) <= 2:
+            return [list(candidate_replicas)]
+        return [random.sample(candidate_replicas, 2)]
