@@ -181,6 +181,34 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
 
 
+def load_tokenizer_and_config(spec: str = DEFAULT_MODEL):
+    """The tokenizer, model config and generation config of ``spec``, without the weights (for the
+    serving front door, which tokenizes but runs no layers)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    path = Path(os.path.expanduser(str(spec)))
+    kwargs: dict = {}
+    if spec == DEFAULT_MODEL:
+        cached = cache_dir() / "smollm2-135m-instruct"
+        if (cached / "config.json").exists():
+            source = cached
+        else:
+            source, kwargs = packaged_smollm2_dir(), {"gguf_file": _SMOLLM2_FILE}
+    elif path.suffix == ".gguf":
+        source, kwargs = path.parent, {"gguf_file": path.name}
+    elif path.is_dir() or _looks_like_hub_id(str(spec)):
+        source = path if path.is_dir() else str(spec)
+    else:
+        raise ValueError(f"unknown model spec {spec!r}; accepted: {ACCEPTED_SPECS}")
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    try:
+        generation = GenerationConfig.from_pretrained(source, **kwargs)
+    except OSError:  # not every checkpoint ships one
+        generation = GenerationConfig.from_model_config(config)
+    return tokenizer, config, generation
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))

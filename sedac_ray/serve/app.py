@@ -1,0 +1,41 @@
+"""The application builder: `serve run` config args -> the pipeline application.
+
+    FrontDoor -> Stage0 -> Stage1 -> ... -> StageN-1
+                   \\________\\_____________\\____> LMHead
+
+``import_path: sedac_ray.serve.app:build_app`` with ``args`` holding :class:`PipelineConfig`
+fields. Per-deployment settings (replicas, autoscaling, resources) come from the config's
+``deployments:`` list, by name: ``FrontDoor``, ``Stage0``..``StageN-1``, ``LMHead``.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from sedac_ray.serve.config import PipelineConfig
+from sedac_ray.serve.front_door import FrontDoor
+from sedac_ray.serve.head import HeadServer
+from sedac_ray.serve.stage import StageServer
+
+STICKY_ROUTER = RequestRouterConfig(request_router_class="sedac_ray.serve.routing:PinnedReplicaRouter")
+
+# Waiting for K/V (see stage.py) holds a request slot, so stages admit many more requests than
+# they batch; batches are capped by PipelineConfig.max_batch_size instead.
+Stage = serve.deployment(
+    StageServer, name="Stage", max_ongoing_requests=256, request_router_config=STICKY_ROUTER
+)
+LMHead = serve.deployment(HeadServer, name="LMHead", max_ongoing_requests=256)
+Ingress = serve.deployment(FrontDoor, name="FrontDoor", max_ongoing_requests=256)
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    config = PipelineConfig.from_args(args)
+    raw = {k: v for k, v in (args or {}).items()}
+    head = LMHead.bind(raw)
+    stages: list = []
+    next_stage = None
+    for index in reversed(range(config.num_stages)):
+        next_stage = Stage.options(name=f"Stage{index}").bind(raw, index, next_stage, head)
+        stages.insert(0, next_stage)
+    return Ingress.bind(raw, stages, head)

@@ -1,0 +1,57 @@
+"""The serving application's settings: one dataclass, built from `serve run` args or YAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from sedac_ray.model.loading import DEFAULT_MODEL
+from sedac_ray.policy import DEFAULT_POLICY, ExitPolicy
+
+
+@dataclass
+class PipelineConfig:
+    model: str = DEFAULT_MODEL
+    device: str = "cpu"
+    dtype: str | None = None
+    stages: int = 3  # decoder layers split evenly over this many stage deployments...
+    boundaries: list[int] | None = None  # ...or at these layer indices, e.g. [10, 20] for 3 stages
+    exit: dict = field(default_factory=dict)  # server default policy: tau, k, min_layer, window, disable
+    default_max_tokens: int = 128
+    max_batch_size: int = 16  # rows a stage or the LM head batches per step (@serve.batch)
+    batch_wait_timeout_s: float = 0.003
+    step_timeout_s: float = 60.0  # a step that does not come back in time fails the request
+
+    @classmethod
+    def from_args(cls, args: dict | None) -> PipelineConfig:
+        args = dict(args or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown sedac-ray app args {unknown}; known: {sorted(known)}")
+        config = cls(**args)
+        config.default_policy()  # fail at build time, not on the first request
+        if config.boundaries is None and config.stages < 1:
+            raise ValueError(f"stages must be >= 1, got {config.stages}")
+        return config
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.boundaries) + 1 if self.boundaries is not None else self.stages
+
+    def layer_ranges(self, num_layers: int) -> list[tuple[int, int]]:
+        """``[start, end)`` of each stage over ``num_layers`` decoder layers."""
+        if self.boundaries is not None:
+            cuts = [0, *self.boundaries, num_layers]
+        else:
+            if self.stages > num_layers:
+                raise ValueError(f"stages={self.stages} exceeds the model's {num_layers} layers")
+            cuts = [round(i * num_layers / self.stages) for i in range(self.stages + 1)]
+        if any(b <= a for a, b in zip(cuts, cuts[1:], strict=False)) or cuts[-1] != num_layers:
+            raise ValueError(
+                f"boundaries {self.boundaries} must increase strictly within 1..{num_layers - 1}"
+            )
+        return list(zip(cuts, cuts[1:], strict=False))
+
+    def default_policy(self) -> ExitPolicy:
+        exit_args = dict(self.exit)
+        return DEFAULT_POLICY.with_overrides(**exit_args)

@@ -1,0 +1,42 @@
+"""The LM-head deployment: final norm, LM head and sampling for tokens from any stage."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from ray import serve
+
+from sedac_ray.model.adapter import ModelAdapter
+from sedac_ray.model.loading import load_model
+from sedac_ray.sampling import choose_tokens
+from sedac_ray.serve.config import PipelineConfig
+from sedac_ray.serve.transport import Rows, TokenResult, unpack_hidden
+
+
+class HeadServer:
+    def __init__(self, config: dict):
+        self.config = PipelineConfig.from_args(config)
+        loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
+        self.adapter = ModelAdapter(loaded.model)
+        self.sample_batch.set_max_batch_size(self.config.max_batch_size)
+        self.sample_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    async def sample(self, rows: Rows) -> dict[str, TokenResult]:
+        """The next token of each row, chosen from ``lm_head(final_norm(hidden))``."""
+        return await self.sample_batch(rows)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
+    async def sample_batch(self, messages: list[Rows]) -> list[dict[str, TokenResult]]:
+        rows = Rows.concat(messages)
+        tokens = await asyncio.to_thread(self._choose, rows)
+        chosen = {
+            seq_id: TokenResult(token, int(layer))
+            for seq_id, token, layer in zip(rows.seq_ids, tokens, rows.exit_layer.tolist(), strict=True)
+        }
+        return [{seq_id: chosen[seq_id] for seq_id in m.seq_ids} for m in messages]
+
+    def _choose(self, rows: Rows) -> list[int]:
+        with torch.inference_mode():
+            hidden = unpack_hidden(rows.hidden, rows.hidden_dtype, self.adapter.device)
+            return choose_tokens(self.adapter.logits(hidden), rows.sampling, rows.positions.tolist())

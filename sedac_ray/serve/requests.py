@@ -1,0 +1,119 @@
+"""Turning an HTTP or gRPC request into a checked :class:`GenerationRequest`.
+
+Both protocols call :meth:`RequestBuilder.build`, so they accept and refuse exactly the same
+things; a refusal is an :class:`InvalidRequest` whose message says what to fix (HTTP 400, gRPC
+``INVALID_ARGUMENT``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sedac_ray.policy import ExitPolicy
+from sedac_ray.sampling import SamplingParams
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served as sent; the message says why and what to change."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str]
+    policy: ExitPolicy
+
+
+class RequestBuilder:
+    def __init__(
+        self,
+        tokenizer,
+        model_name: str,
+        num_layers: int,
+        max_context: int,
+        default_policy,
+        default_max_tokens,
+    ):
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.num_layers = num_layers
+        self.max_context = max_context
+        self.default_policy = default_policy
+        self.default_max_tokens = default_max_tokens
+
+    def build(
+        self,
+        prompt: str | None = None,
+        messages: list[dict] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        exit_overrides: dict | None = None,
+        model: str | None = None,
+    ) -> GenerationRequest:
+        if model and model != self.model_name:
+            raise InvalidRequest(
+                f"model {model!r} is not served here; this server serves {self.model_name!r}"
+            )
+        prompt_ids = self._encode(prompt, messages)
+        max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if len(prompt_ids) + max_tokens > self.max_context:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                f"context of {self.max_context} tokens; shorten the prompt or lower max_tokens"
+            )
+        try:
+            sampling = SamplingParams(
+                temperature=0.0 if temperature is None else temperature,
+                top_p=1.0 if top_p is None else top_p,
+                seed=seed,
+            )
+            policy = self._policy(exit_overrides or {})
+        except ValueError as err:
+            raise InvalidRequest(str(err)) from None
+        return GenerationRequest(prompt_ids, max_tokens, sampling, [s for s in (stop or []) if s], policy)
+
+    def _encode(self, prompt: str | None, messages: list[dict] | None) -> list[int]:
+        if messages:
+            if prompt:
+                raise InvalidRequest("give either a prompt or messages, not both")
+            for i, message in enumerate(messages):
+                if message.get("role") not in CHAT_ROLES:
+                    raise InvalidRequest(
+                        f"messages[{i}].role must be one of {list(CHAT_ROLES)}, got {message.get('role')!r}"
+                    )
+                if not isinstance(message.get("content"), str):
+                    raise InvalidRequest(f"messages[{i}].content must be a string")
+            if not any(m["content"].strip() for m in messages):
+                raise InvalidRequest("messages are empty: at least one message needs content")
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        else:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InvalidRequest("prompt is empty: send a non-empty prompt (or chat messages)")
+            ids = self.tokenizer(prompt)["input_ids"]
+        return [int(i) for i in ids]
+
+    def _policy(self, overrides: dict) -> ExitPolicy:
+        values = dict(overrides)
+        tau = values.get("tau")
+        if tau is not None and (
+            not isinstance(tau, (int, float)) or isinstance(tau, bool) or math.isnan(tau)
+        ):
+            raise InvalidRequest(f"tau must be a number in (0, 1], got {tau!r}")
+        policy = self.default_policy.with_overrides(
+            tau=tau,
+            k=values.get("k"),
+            min_layer=values.get("min_layer"),
+            window=values.get("window"),
+            disable=bool(values.get("disable_exit") or values.get("disable")),
+        )
+        return policy.validate_for(self.num_layers)

@@ -1,0 +1,275 @@
+"""A pipeline stage: one range of decoder layers (stage 0 also embeds), as a Ray Serve deployment.
+
+Each step request carries decode rows of one or more sequences; ``@serve.batch`` merges the
+requests in flight into one :class:`LayerRange` call, where tokens exit layer by layer. Then:
+
+* the exit group goes straight to the LM head;
+* the continue group and the fill group (exited tokens whose K/V deeper layers still need) go to
+  the next stage, one message per next-stage replica that holds those sequences.
+
+Every request awaits only the downstream calls that carry its own rows, so a token that exits
+here returns without waiting for tokens that continue.
+
+Ordering of K/V: a sequence's token at position ``p`` may only run here once this replica holds
+K/V for all positions ``< p``. Fills travel ahead of the next token but on a different message,
+so each replica keeps a per-sequence watermark and a decode row waits for it (fills never wait,
+so they always make progress). Ordering is by position, never by timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+import torch
+from ray import serve
+
+from sedac_ray.model.adapter import ModelAdapter
+from sedac_ray.model.loading import load_model
+from sedac_ray.runtime.layer_range import LayerRange, TokenRows
+from sedac_ray.serve.config import PipelineConfig
+from sedac_ray.serve.routing import pin
+from sedac_ray.serve.transport import (
+    PrefillMessage,
+    PrefillResult,
+    Rows,
+    StepMessage,
+    TokenResult,
+    pack_hidden,
+    unpack_hidden,
+)
+
+logger = logging.getLogger("ray.serve")
+
+
+class _Sequence:
+    """What a replica knows about one sequence: its KV slot and how far its K/V is filled."""
+
+    def __init__(self, slot: int):
+        self.slot = slot
+        self.filled = 0  # K/V present for every position < filled
+        self._ahead: set[int] = set()  # positions written out of order
+        self.changed = asyncio.Event()
+
+    def wrote(self, position: int) -> None:
+        self._ahead.add(position)
+        while self.filled in self._ahead:
+            self._ahead.discard(self.filled)
+            self.filled += 1
+        self.changed.set()
+
+
+class StageServer:
+    def __init__(self, config: dict, stage_index: int, next_stage=None, head=None):
+        self.config = PipelineConfig.from_args(config)
+        loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
+        self.adapter = ModelAdapter(loaded.model)
+        self.stage_index = stage_index
+        start, end = self.config.layer_ranges(self.adapter.num_layers)[stage_index]
+        self.layers = LayerRange(self.adapter, start, end)
+        self.next_stage, self.head = next_stage, head
+        self.sequences: dict[str, _Sequence] = {}
+        self.compute_lock = asyncio.Lock()  # one LayerRange call at a time; the event loop stays free
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.step_batch.set_max_batch_size(self.config.max_batch_size)
+        self.step_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        logger.info(f"stage {stage_index}: layers {start + 1}..{end} on {self.config.device}")
+
+    # ---- prefill: one whole prompt, full depth -------------------------------------------------
+
+    async def prefill(self, message: PrefillMessage) -> PrefillResult:
+        sequence = self._admit(message.seq_id)
+        if message.token_ids is not None:
+            count = len(message.token_ids)
+        else:
+            count = message.hidden.shape[0]
+        positions = torch.arange(count).unsqueeze(0)
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                if message.token_ids is not None:
+                    hidden = self.adapter.embed_tokens(
+                        torch.tensor([message.token_ids], device=self.adapter.device)
+                    )
+                else:
+                    hidden = unpack_hidden(
+                        message.hidden, message.hidden_dtype, self.adapter.device
+                    ).unsqueeze(0)
+                return self.layers.prefill(torch.tensor([sequence.slot]), positions, hidden)[0]
+
+        async with self.compute_lock:
+            hidden = await asyncio.to_thread(run)
+        for position in range(count):
+            sequence.wrote(position)
+        packed, dtype = pack_hidden(hidden)
+        if self.next_stage is not None:
+            downstream = await self.next_stage.prefill.remote(
+                PrefillMessage(message.seq_id, message.sampling, hidden=packed, hidden_dtype=dtype)
+            )
+            return PrefillResult(route=(self.replica_id, *downstream.route), first=downstream.first)
+        last = Rows(
+            seq_ids=[message.seq_id],
+            positions=np.array([count - 1]),
+            rules=np.zeros((1, 4), np.float32),
+            state=np.zeros(1, np.int64),
+            sampling=[message.sampling],
+            routes=[()],
+            hidden=packed[-1:],
+            hidden_dtype=dtype,
+            exit_layer=np.array([self.adapter.num_layers]),
+        )
+        first = (await self.head.sample.remote(last))[message.seq_id]
+        return PrefillResult(route=(self.replica_id,), first=first)
+
+    # ---- decode steps ------------------------------------------------------------------------
+
+    async def step(self, message: StepMessage) -> dict[str, TokenResult]:
+        """Results for ``message.rows`` (the tokens each of them ends up producing)."""
+        await self._wait_for_kv(message.rows)
+        pending = await self.step_batch(message)
+        results: dict[str, TokenResult] = {}
+        for part in await asyncio.gather(*pending):
+            results.update(part)
+        return {seq_id: results[seq_id] for seq_id in message.rows.seq_ids}
+
+    async def _wait_for_kv(self, rows: Rows) -> None:
+        for seq_id, position in zip(rows.seq_ids, rows.positions.tolist(), strict=True):
+            sequence = self._known(seq_id)
+            while sequence.filled < position:
+                sequence.changed.clear()
+                try:
+                    await asyncio.wait_for(sequence.changed.wait(), self.config.step_timeout_s)
+                except TimeoutError:
+                    raise RuntimeError(
+                        f"stage {self.stage_index}: K/V of sequence {seq_id} stopped at position "
+                        f"{sequence.filled}; position {position} cannot run"
+                    ) from None
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
+    async def step_batch(self, messages: list[StepMessage]) -> list[list[asyncio.Future]]:
+        rows = Rows.concat([m.rows for m in messages])
+        fill = Rows.concat([m.fill for m in messages])
+        async with self.compute_lock:
+            out = await asyncio.to_thread(self._compute, rows, fill)
+        exited, continuing, fill_out = out
+        for part in (rows, fill):
+            for seq_id, position in zip(part.seq_ids, part.positions.tolist(), strict=True):
+                self._known(seq_id).wrote(position)
+
+        futures: dict[str, asyncio.Future] = {}  # seq_id -> the downstream call carrying its row
+        if len(exited):
+            head_call = asyncio.ensure_future(self._await(self.head.sample.remote(exited)))
+            futures.update(dict.fromkeys(exited.seq_ids, head_call))
+        if self.next_stage is not None:
+            futures.update(self._send_downstream(continuing, fill_out))
+        return [list({id(futures[s]): futures[s] for s in m.rows.seq_ids}.values()) for m in messages]
+
+    def _compute(self, rows: Rows, fill: Rows) -> tuple[Rows, Rows, Rows]:
+        """Run this stage's layers; returns (exit group, continue group, fill group) as Rows."""
+        device = self.adapter.device
+        with torch.inference_mode():
+            if rows.token_ids is not None:
+                hidden = self.adapter.embed_tokens(torch.from_numpy(rows.token_ids).to(device))
+            else:
+                hidden = unpack_hidden(rows.hidden, rows.hidden_dtype, device)
+            token_rows = self._token_rows(rows, hidden)
+            fill_rows = None
+            if len(fill):
+                fill_rows = self._token_rows(fill, unpack_hidden(fill.hidden, fill.hidden_dtype, device))
+            out = self.layers.decode(token_rows, fill_rows)
+        return (
+            self._as_rows(rows, out.exited, exited=True),
+            self._as_rows(rows, out.continuing, exited=False),
+            self._fill_as_rows(rows, fill, out.fill),
+        )
+
+    def _token_rows(self, rows: Rows, hidden: torch.Tensor) -> TokenRows:
+        return TokenRows(
+            ids=torch.arange(len(rows)),
+            slots=torch.tensor([self.sequences[s].slot for s in rows.seq_ids], dtype=torch.long),
+            positions=torch.from_numpy(rows.positions),
+            hidden=hidden,
+            rules=torch.from_numpy(rows.rules),
+            state=torch.from_numpy(rows.state),
+        )
+
+    def _as_rows(self, source: Rows, result: TokenRows, exited: bool) -> Rows:
+        picked = source.take(result.ids.tolist())
+        picked.hidden, picked.hidden_dtype = pack_hidden(result.hidden)
+        picked.token_ids = None
+        picked.state = result.state.numpy()
+        picked.exit_layer = result.exit_layer.numpy() if exited else None
+        return picked
+
+    def _fill_as_rows(self, rows: Rows, fill: Rows, result: TokenRows) -> Rows:
+        """The fill group for the next stage: incoming fills first (ids ``0..len(fill)-1`` of the
+        runtime's fill), then rows that exited here (their decode-row ids)."""
+        if not len(result):
+            return Rows.empty()
+        incoming = len(fill)
+        parts = [fill] if incoming else []
+        if len(result) > incoming:
+            new = rows.take(result.ids[incoming:].tolist())
+            new.hidden, new.hidden_dtype = pack_hidden(result.hidden[incoming:])
+            new.token_ids = None
+            parts.append(new)
+        return Rows.concat(parts)
+
+    def _send_downstream(self, continuing: Rows, fill: Rows) -> dict[str, asyncio.Future]:
+        """One message per next-stage replica; returns seq_id -> call for the continuing rows."""
+        next_index = self.stage_index + 1
+        targets = {route[next_index] for route in continuing.routes + fill.routes}
+        futures: dict[str, asyncio.Future] = {}
+        for target in targets:
+            rows = continuing.take([i for i, r in enumerate(continuing.routes) if r[next_index] == target])
+            fills = fill.take([i for i, r in enumerate(fill.routes) if r[next_index] == target])
+            call = self.next_stage.options(session_id=pin(target)).step.remote(StepMessage(rows, fills))
+            future = asyncio.ensure_future(self._await(call))
+            if len(rows):
+                futures.update(dict.fromkeys(rows.seq_ids, future))
+            else:  # fills only: nobody waits for the answer, but a failure must not pass silently
+                future.add_done_callback(self._log_failure)
+        return futures
+
+    @staticmethod
+    async def _await(response):
+        return await response
+
+    def _log_failure(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            logger.error(f"stage {self.stage_index}: K/V fill downstream failed: {future.exception()!r}")
+
+    # ---- sequence table ----------------------------------------------------------------------
+
+    def _admit(self, seq_id: str) -> _Sequence:
+        if seq_id in self.sequences:
+            raise ValueError(f"sequence {seq_id} is already prefilled on this replica")
+        (slot,) = self.layers.cache.allocate(1)
+        self.sequences[seq_id] = _Sequence(slot)
+        return self.sequences[seq_id]
+
+    def _known(self, seq_id: str) -> _Sequence:
+        try:
+            return self.sequences[seq_id]
+        except KeyError:
+            raise KeyError(
+                f"stage {self.stage_index} replica {self.replica_id} has no sequence {seq_id}"
+            ) from None
+
+    async def release(self, seq_ids: list[str]) -> int:
+        """Free the KV of finished sequences; returns how many sequences this replica still holds."""
+        for seq_id in seq_ids:
+            sequence = self.sequences.pop(seq_id, None)
+            if sequence is not None:
+                self.layers.cache.free([sequence.slot])
+        return len(self.sequences)
+
+    async def stats(self) -> dict:
+        return {
+            "stage": self.stage_index,
+            "replica": self.replica_id,
+            "sequences": len(self.sequences),
+            "kv_slots_in_use": self.layers.cache.slots_in_use,
+            "kv_bytes": self.layers.cache.nbytes(),
+        }
