@@ -148,8 +148,13 @@ class StageServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
     async def step_batch(self, messages: list[StepMessage]) -> list[list[asyncio.Future]]:
-        rows = Rows.concat([m.rows for m in messages])
+        # A sequence released while its messages were in flight (it finished, or its client left)
+        # is skipped: its late fills are dropped, its late steps fail alone, not the whole batch.
+        gone = {id(m) for m in messages if any(s not in self.sequences for s in m.rows.seq_ids)}
+        live = [m for m in messages if id(m) not in gone]
+        rows = Rows.concat([m.rows for m in live])
         fill = Rows.concat([m.fill for m in messages])
+        fill = fill.take([i for i, s in enumerate(fill.seq_ids) if s in self.sequences])
         async with self.compute_lock:
             out = await asyncio.to_thread(self._compute, rows, fill)
         exited, continuing, fill_out = out
@@ -163,13 +168,25 @@ class StageServer:
             futures.update(dict.fromkeys(exited.seq_ids, head_call))
         if self.next_stage is not None:
             futures.update(self._send_downstream(continuing, fill_out))
-        return [list({id(futures[s]): futures[s] for s in m.rows.seq_ids}.values()) for m in messages]
+        return [[self._released(m)] if id(m) in gone else self._futures_for(m, futures) for m in messages]
+
+    @staticmethod
+    def _futures_for(message: StepMessage, futures: dict[str, asyncio.Future]) -> list[asyncio.Future]:
+        return list({id(futures[s]): futures[s] for s in message.rows.seq_ids}.values())
+
+    def _released(self, message: StepMessage) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        missing = [s for s in message.rows.seq_ids if s not in self.sequences]
+        future.set_exception(KeyError(f"stage {self.stage_index} no longer holds sequences {missing}"))
+        return future
 
     def _compute(self, rows: Rows, fill: Rows) -> tuple[Rows, Rows, Rows]:
         """Run this stage's layers; returns (exit group, continue group, fill group) as Rows."""
         device = self.adapter.device
         with torch.inference_mode():
-            if rows.token_ids is not None:
+            if not len(rows):  # a batch of fills only
+                hidden = torch.zeros(0, self.adapter.hidden_size, device=device, dtype=self.adapter.dtype)
+            elif rows.token_ids is not None:
                 hidden = self.adapter.embed_tokens(torch.from_numpy(rows.token_ids).to(device))
             else:
                 hidden = unpack_hidden(rows.hidden, rows.hidden_dtype, device)
