@@ -31,11 +31,20 @@ Ingress = serve.deployment(FrontDoor, name="FrontDoor", max_ongoing_requests=256
 
 def build_app(args: dict | None = None) -> serve.Application:
     config = PipelineConfig.from_args(args)
-    raw = {k: v for k, v in (args or {}).items()}
-    head = LMHead.bind(raw)
+    raw = dict(args or {})
+    actor = (
+        {"ray_actor_options": {"num_cpus": config.replica_cpus}} if config.replica_cpus is not None else {}
+    )
+    replicas = config.stage_replicas
+    if replicas is not None and len(replicas) != config.num_stages:
+        raise ValueError(f"stage_replicas has {len(replicas)} entries for {config.num_stages} stages")
+    head = LMHead.options(**actor).bind(raw)
     stages: list = []
     next_stage = None
     for index in reversed(range(config.num_stages)):
-        next_stage = Stage.options(name=f"Stage{index}").bind(raw, index, next_stage, head)
+        options = {"name": f"Stage{index}", **actor}
+        if replicas is not None:  # otherwise num_replicas or autoscaling comes from the YAML config
+            options["num_replicas"] = replicas[index]
+        next_stage = Stage.options(**options).bind(raw, index, next_stage, head)
         stages.insert(0, next_stage)
-    return Ingress.bind(raw, stages, head)
+    return Ingress.options(**actor).bind(raw, stages, head)

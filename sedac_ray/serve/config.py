@@ -20,6 +20,8 @@ class PipelineConfig:
     max_batch_size: int = 16  # rows a stage or the LM head batches per step (@serve.batch)
     batch_wait_timeout_s: float = 0.003
     step_timeout_s: float = 60.0  # a step that does not come back in time fails the request
+    stage_replicas: list[int] | None = None  # fixed replicas per stage (YAML `deployments:` can override)
+    replica_cpus: float | None = None  # CPUs reserved per replica (None: Ray's default of 1)
 
     @classmethod
     def from_args(cls, args: dict | None) -> PipelineConfig:

@@ -70,6 +70,7 @@ class StageServer:
         self.layers = LayerRange(self.adapter, start, end)
         self.next_stage, self.head = next_stage, head
         self.sequences: dict[str, _Sequence] = {}
+        self.admitted = 0  # sequences prefilled here since start
         self.compute_lock = asyncio.Lock()  # one LayerRange call at a time; the event loop stays free
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.step_batch.set_max_batch_size(self.config.max_batch_size)
@@ -264,6 +265,7 @@ class StageServer:
             raise ValueError(f"sequence {seq_id} is already prefilled on this replica")
         (slot,) = self.layers.cache.allocate(1)
         self.sequences[seq_id] = _Sequence(slot)
+        self.admitted += 1
         return self.sequences[seq_id]
 
     def _known(self, seq_id: str) -> _Sequence:
@@ -287,6 +289,7 @@ class StageServer:
             "stage": self.stage_index,
             "replica": self.replica_id,
             "sequences": len(self.sequences),
+            "admitted": self.admitted,
             "kv_slots_in_use": self.layers.cache.slots_in_use,
             "kv_bytes": self.layers.cache.nbytes(),
         }
