@@ -6,7 +6,7 @@ venv:
 	bash scripts/bootstrap.sh
 
 serve: venv
-	.venv/bin/sedac generate --chat --prompt "What is the capital of France?"
+	.venv/bin/sedac serve deployments/local.yaml
 
 generate: venv
 	.venv/bin/sedac generate --chat --prompt "What is the capital of France?"

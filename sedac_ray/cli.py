@@ -80,6 +80,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Load the configured model once (so replicas find its dequantized copy), then `serve run`."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    from sedac_ray.model.loading import load_model
+
+    config_path = Path(args.config)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"serve config {config_path} does not exist")
+    config = yaml.safe_load(config_path.read_text())
+    for app in config.get("applications", []):
+        model = app.get("args", {}).get("model", DEFAULT_MODEL)
+        if model == DEFAULT_MODEL:
+            load_model(model)
+    serve_bin = Path(sys.executable).with_name("serve")
+    print(
+        f"[sedac] serve run {config_path} (HTTP and gRPC ports are in the config; Ctrl-C stops)",
+        file=sys.stderr,
+    )
+    os.execv(str(serve_bin), [str(serve_bin), "run", str(config_path)])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sedac", description="Early-exit LLM inference and serving")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(generate)
     _add_policy_args(generate)
     generate.set_defaults(func=cmd_generate)
+
+    serve = commands.add_parser("serve", help="serve the pipeline on Ray Serve (`serve run` a config)")
+    serve.add_argument("config", nargs="?", default="deployments/local.yaml", help="Serve config YAML")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -55,5 +55,8 @@ class PipelineConfig:
         return list(zip(cuts, cuts[1:], strict=False))
 
     def default_policy(self) -> ExitPolicy:
-        exit_args = dict(self.exit)
-        return DEFAULT_POLICY.with_overrides(**exit_args)
+        allowed = {"tau", "k", "min_layer", "window", "disable"}
+        unknown = sorted(set(self.exit) - allowed)
+        if unknown:
+            raise ValueError(f"unknown exit settings {unknown}; allowed: {sorted(allowed)}")
+        return DEFAULT_POLICY.with_overrides(**self.exit)
