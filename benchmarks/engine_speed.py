@@ -38,8 +38,8 @@ PROMPTS = [
     "Suggest a name for a bakery.",
 ]
 POLICIES = {
-    "tau=0.95,K=3": ExitPolicy(0.95, k=3),
     "tau=0.96,K=3": ExitPolicy(0.96, k=3),
+    "tau=0.965,K=3": ExitPolicy(0.965, k=3),
     "tau=0.97,K=3": ExitPolicy(0.97, k=3),
     "tau=0.98,K=3": ExitPolicy(0.98, k=3),
 }
@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--out", default="benchmarks/results/engine_speed.json")
     args = parser.parse_args()

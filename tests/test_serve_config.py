@@ -19,7 +19,9 @@ GRPC_OPTION_KEYS = {"port", "grpc_servicer_functions", "request_timeout_s"}
 def test_generated_grpc_modules_match_the_proto(tmp_path):
     for fresh in generate(tmp_path):
         committed = REPO / "sedac_ray" / "serve" / "generated" / fresh.name
-        assert committed.read_text() == fresh.read_text(), f"run `python -m sedac_ray.serve.protos` ({fresh.name})"
+        assert committed.read_text() == fresh.read_text(), (
+            f"run `python -m sedac_ray.serve.protos` ({fresh.name})"
+        )
 
 
 def test_layer_ranges_split_evenly_or_at_boundaries():
