@@ -40,9 +40,11 @@ PROMPTS = [
 POLICIES = {
     "tau=0.96,K=3": ExitPolicy(0.96, k=3),
     "tau=0.965,K=3": ExitPolicy(0.965, k=3),
+    "tau=0.95,K=3,min18": ExitPolicy(0.95, k=3, min_layer=18),
     "tau=0.97,K=3": ExitPolicy(0.97, k=3),
-    "tau=0.98,K=3": ExitPolicy(0.98, k=3),
 }
+# Every token exits right after layer m: decode-step cost = fixed + m * layer + (L - m) * fill.
+FORCED = {m: ExitPolicy(1e-6, k=1, min_layer=m) for m in (10, 20)}
 
 
 def hf_generate(model, prompt_ids: list[list[int]], new_tokens: int, pad_id: int) -> None:
@@ -80,12 +82,20 @@ def main() -> None:
             batch, args.new_tokens, SamplingParams(), stop=[], policy=policy, ignore_eos=True
         )
 
+    def prefill_only(batch: list[list[int]]):
+        engine.generate_ids(
+            batch, 1, SamplingParams(), stop=[], policy=ExitPolicy.disabled(), ignore_eos=True
+        )
+
     configs = {}
     for size, batch in batches.items():
         configs[("HF generate", size)] = lambda b=batch: hf_generate(loaded.model, b, args.new_tokens, pad_id)
+        configs[("engine, prefill only", size)] = lambda b=batch: prefill_only(b)
         configs[("engine, no exit", size)] = lambda b=batch: run_engine(ExitPolicy.disabled(), b)
         for name, policy in POLICIES.items():
             configs[(f"engine, {name}", size)] = lambda b=batch, p=policy: run_engine(p, b)
+    for layer, policy in FORCED.items():
+        configs[(f"engine, forced exit@{layer}", 1)] = lambda p=policy: run_engine(p, batches[1])
 
     times: dict[tuple[str, int], list[float]] = {key: [] for key in configs}
     layer_stats: dict[tuple[str, int], dict] = {}
@@ -113,21 +123,27 @@ def main() -> None:
             "batch": size,
             "seconds_median": median,
             "seconds_all": samples,
-            "tokens_per_s": size * args.new_tokens / median,
+            "tokens_per_s": size * args.new_tokens / median if "prefill" not in name else None,
         }
         stats = layer_stats.get((name, size))
         if stats:
             row.update(stats)
         rows.append(row)
     by_key = {(r["config"], r["batch"]): r for r in rows}
+    steps = args.new_tokens - 1
     for row in rows:
         size = row["batch"]
         hf, off = by_key[("HF generate", size)], by_key[("engine, no exit", size)]
+        prefill = by_key[("engine, prefill only", size)]["seconds_median"]
+        if "prefill" not in row["config"] and row["config"] != "HF generate":
+            row["decode_step_ms"] = 1000 * (row["seconds_median"] - prefill) / steps
         if row["config"] == "engine, no exit":
             row["time_vs_hf"] = row["seconds_median"] / hf["seconds_median"]
         if row["config"].startswith("engine, tau"):
-            # Decode steps only: the first token comes from the full-depth prefill in both runs.
+            # Ideal counts decode steps only: the first token comes from the full-depth prefill.
             row["ideal_speedup"] = num_layers / row["mean_layers"]
+            row["achieved_decode_speedup"] = off["decode_step_ms"] / row["decode_step_ms"]
+            row["decode_over_ideal"] = row["achieved_decode_speedup"] / row["ideal_speedup"]
             row["ideal_speedup_batch_aware"] = num_layers / row["mean_deepest_in_batch"]
             row["achieved_speedup"] = off["seconds_median"] / row["seconds_median"]
             row["achieved_over_ideal"] = row["achieved_speedup"] / row["ideal_speedup"]
@@ -136,7 +152,7 @@ def main() -> None:
             )
 
     columns = [  # (header, key, width and format)
-        ("config", "config", "<22"),
+        ("config", "config", "<26"),
         ("batch", "batch", ">6"),
         ("median s", "seconds_median", ">10.2f"),
         ("tok/s", "tokens_per_s", ">8.1f"),
@@ -147,6 +163,9 @@ def main() -> None:
         ("ach/ideal", "achieved_over_ideal", ">10.2f"),
         ("ideal(b)", "ideal_speedup_batch_aware", ">9.2f"),
         ("ach/ideal(b)", "achieved_over_batch_aware_ideal", ">13.2f"),
+        ("step ms", "decode_step_ms", ">8.1f"),
+        ("dec.speedup", "achieved_decode_speedup", ">12.2f"),
+        ("dec/ideal", "decode_over_ideal", ">10.2f"),
     ]
 
     def cell(value, spec: str) -> str:
@@ -159,6 +178,19 @@ def main() -> None:
     print("-" * len(header))
     for row in rows:
         print("".join(cell(row.get(key), spec) for _, key, spec in columns))
+    # Cost decomposition of one batch-1 decode step: the head is timed directly, the rest follows
+    # from the forced exits: t(m) = head + m * layer + (L - m) * fill.
+    full = by_key[("engine, no exit", 1)]["decode_step_ms"]
+    forced = {m: by_key[(f"engine, forced exit@{m}", 1)]["decode_step_ms"] for m in FORCED}
+    costs = decompose(full, forced, head_ms(engine), num_layers)
+    head, layer, fill = costs["head_ms"], costs["layer_ms"], costs["fill_ms"]
+    print(
+        f"\nbatch-1 decode step {full:.1f} ms = head+sampling {head:.1f} ms + {num_layers} x {layer:.2f} ms"
+    )
+    print(f"K/V fill of an exited token: {fill:.2f} ms per deeper layer ({fill / layer:.0%} of a layer)")
+    print(
+        f"model check, exit@20: predicted {costs['predicted_exit20_ms']:.1f} ms, measured {forced[20]:.1f} ms"
+    )
     report = {
         "model": loaded.name,
         "num_layers": num_layers,
@@ -167,11 +199,37 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "machine": platform.platform(),
         "rows": rows,
+        "batch1_step_costs_ms": costs,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out}")
+
+
+def head_ms(engine: Engine, repeats: int = 50) -> float:
+    """Median time of final norm + LM head + argmax for one token."""
+    hidden = torch.randn(1, engine.adapter.hidden_size)
+    samples = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.adapter.logits(hidden).argmax(-1).tolist()
+            samples.append(time.perf_counter() - start)
+    return 1000 * statistics.median(samples)
+
+
+def decompose(full: float, forced: dict[int, float], head: float, num_layers: int) -> dict:
+    layer = (full - head) / num_layers
+    exit_at = min(forced)
+    fill = (forced[exit_at] - head - exit_at * layer) / (num_layers - exit_at)
+    check = max(forced)
+    return {
+        "head_ms": head,
+        "layer_ms": layer,
+        "fill_ms": fill,
+        "predicted_exit20_ms": head + check * layer + (num_layers - check) * fill,
+    }
 
 
 if __name__ == "__main__":

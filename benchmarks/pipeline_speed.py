@@ -20,18 +20,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from engine_speed import PROMPTS  # the same prompts as the engine benchmark
+
 from sedac_ray import Engine, ExitPolicy, load_model
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a short poem about autumn leaves.",
-    "Explain how a refrigerator works.",
-    "Give me three tips for learning to cook.",
-    "What is the difference between weather and climate?",
-    "Describe a cat to someone who has never seen one.",
-    "Why is the sky blue?",
-    "Suggest a name for a bakery.",
-]
 POLICIES = {"no exit": {"disable_exit": True}, "tau=0.97,K=3": {"tau": 0.97, "k": 3}}
 
 
@@ -42,15 +34,25 @@ def free_port() -> int:
 
 
 def request(url: str, prompt: str, max_tokens: int, sedac: dict) -> dict:
+    """One streaming chat request; returns its tokens, exit layers and latency."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "sedac": sedac}
+    body["stream"] = True
     req = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}, method="POST"
     )
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=600) as response:
-        answer = json.loads(response.read())
-    answer["latency_s"] = time.perf_counter() - start
-    return answer
+        events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    choices = [json.loads(e)["choices"][0] for e in events if e != "[DONE]"]
+    return {
+        "token_ids": [c["token_id"] for c in choices],
+        "exit_layers": [c["exit_layer"] for c in choices],
+        "latency_s": time.perf_counter() - start,
+    }
+
+
+def stage_stats(serve, name: str) -> list[dict]:
+    return serve.get_deployment_handle(name, app_name="sedac").broadcast("stats").results()
 
 
 def main() -> None:
@@ -59,6 +61,7 @@ def main() -> None:
     )
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--out", default="benchmarks/results/pipeline_speed.json")
     args = parser.parse_args()
 
@@ -81,8 +84,8 @@ def main() -> None:
         policy = (
             ExitPolicy.disabled() if sedac.get("disable_exit") else ExitPolicy(sedac["tau"], k=sedac["k"])
         )
-        for concurrency in (1, 8):
-            prompts = PROMPTS[:concurrency] if concurrency > 1 else PROMPTS[:2]
+        for concurrency in args.concurrency:
+            prompts = (PROMPTS * 4)[:concurrency] if concurrency > 1 else PROMPTS[:2]
             start = time.perf_counter()
             if concurrency == 1:
                 outs = [
@@ -99,36 +102,38 @@ def main() -> None:
                 calls = [pool.submit(request, url, p, args.max_tokens, sedac) for p in prompts]
                 answers = [c.result() for c in calls]
             pipeline_s = time.perf_counter() - start
-            tokens = sum(a["usage"]["completion_tokens"] for a in answers)
-            same = sum(
-                a["choices"][0]["token_ids"] == r.token_ids for a, r in zip(answers, outs, strict=True)
-            )
+            tokens = sum(len(a["token_ids"]) for a in answers)
+            same = sum(a["token_ids"] == r.token_ids for a, r in zip(answers, outs, strict=True))
+            stats = [s for name in ("Stage0", "Stage1", "Stage2") for s in stage_stats(serve, name)]
             rows.append(
                 {
                     "policy": name,
                     "concurrency": concurrency,
                     "engine_tokens_per_s": engine_tokens / engine_s,
                     "pipeline_tokens_per_s": tokens / pipeline_s,
+                    "throughput_ratio": (tokens / pipeline_s) / (engine_tokens / engine_s),
                     "pipeline_tpot_ms": statistics.median(
-                        1000 * a["latency_s"] / a["usage"]["completion_tokens"] for a in answers
+                        1000 * a["latency_s"] / len(a["token_ids"]) for a in answers
                     ),
-                    "mean_layers": statistics.fmean(a["usage"]["mean_layers"] for a in answers),
+                    "mean_layers": statistics.fmean(x for a in answers for x in a["exit_layers"]),
                     "identical_to_engine": f"{same}/{len(answers)}",
+                    "stage_mean_batch_rows": [round(s["mean_batch_rows"], 2) for s in stats],
                 }
             )
             print(rows[-1], flush=True)
     serve.shutdown()
     ray.shutdown()
 
-    names = ["policy", "conc", "engine tok/s", "pipeline tok/s", "TPOT ms", "layers", "same"]
-    widths = [16, 5, 14, 16, 9, 8, 7]
+    names = ["policy", "conc", "engine tok/s", "pipeline tok/s", "ratio", "TPOT ms", "layers", "same"]
+    widths = [16, 5, 14, 16, 7, 9, 8, 7]
     cells = [f"{n:>{w}}" for n, w in zip(names, widths, strict=True)]
     header = f"{names[0]:<{widths[0]}}" + "".join(cells[1:])
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         print(
             f"{r['policy']:<16}{r['concurrency']:>5}{r['engine_tokens_per_s']:>14.1f}"
-            f"{r['pipeline_tokens_per_s']:>16.1f}{r['pipeline_tpot_ms']:>9.1f}{r['mean_layers']:>8.1f}"
+            f"{r['pipeline_tokens_per_s']:>16.1f}{r['throughput_ratio']:>7.2f}{r['pipeline_tpot_ms']:>9.1f}"
+            f"{r['mean_layers']:>8.1f}"
             f"{r['identical_to_engine']:>7}"
         )
     out = Path(args.out)

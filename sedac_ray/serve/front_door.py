@@ -211,16 +211,14 @@ class FrontDoorServer:
                 self._sse(request, request_id, created, chat), media_type="text/event-stream"
             )
         completion = await self.complete(request)
-        choice = {
-            "index": 0,
-            "finish_reason": completion.finish_reason,
-            "token_ids": completion.token_ids,
-            "exit_layers": completion.exit_layers,
-        }
-        if chat:
-            choice["message"] = {"role": "assistant", "content": completion.text}
-        else:
-            choice["text"] = completion.text
+        choice = _choice(
+            chat,
+            completion.text,
+            streaming=False,
+            finish_reason=completion.finish_reason,
+            token_ids=completion.token_ids,
+            exit_layers=completion.exit_layers,
+        )
         return {
             "id": request_id,
             "object": "chat.completion" if chat else "text_completion",
@@ -239,16 +237,14 @@ class FrontDoorServer:
     async def _sse(self, request: GenerationRequest, request_id: str, created: int, chat: bool):
         kind = "chat.completion.chunk" if chat else "text_completion"
         async for event in self.generate(request, self.new_completion(request)):
-            choice = {
-                "index": 0,
-                "finish_reason": event.finish_reason,
-                "token_id": event.token,
-                "exit_layer": event.exit_layer,
-            }
-            if chat:
-                choice["delta"] = {"content": event.text}
-            else:
-                choice["text"] = event.text
+            choice = _choice(
+                chat,
+                event.text,
+                streaming=True,
+                finish_reason=event.finish_reason,
+                token_id=event.token,
+                exit_layer=event.exit_layer,
+            )
             chunk = {
                 "id": request_id,
                 "object": kind,
@@ -279,14 +275,20 @@ class FrontDoorServer:
             model=message.model or None,
         )
 
-    async def Generate(
-        self, message: sedac_pb2.GenerateRequest, grpc_context=None
-    ) -> sedac_pb2.GenerateResponse:
+    def _grpc_request_or_refuse(self, message, grpc_context) -> GenerationRequest | None:
+        """The checked request, or None after setting INVALID_ARGUMENT with what to fix."""
         try:
-            request = self._grpc_request(message)
+            return self._grpc_request(message)
         except InvalidRequest as err:
             grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             grpc_context.set_details(str(err))
+            return None
+
+    async def Generate(
+        self, message: sedac_pb2.GenerateRequest, grpc_context=None
+    ) -> sedac_pb2.GenerateResponse:
+        request = self._grpc_request_or_refuse(message, grpc_context)
+        if request is None:
             return sedac_pb2.GenerateResponse()
         completion = await self.complete(request)
         return sedac_pb2.GenerateResponse(
@@ -300,11 +302,8 @@ class FrontDoorServer:
         )
 
     async def GenerateStream(self, message: sedac_pb2.GenerateRequest, grpc_context=None):
-        try:
-            request = self._grpc_request(message)
-        except InvalidRequest as err:
-            grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-            grpc_context.set_details(str(err))
+        request = self._grpc_request_or_refuse(message, grpc_context)
+        if request is None:
             return
         async for event in self.generate(request, self.new_completion(request)):
             yield sedac_pb2.GenerateChunk(
@@ -315,6 +314,18 @@ class FrontDoorServer:
                 finish_reason=event.finish_reason or "",
                 num_layers=self.num_layers,
             )
+
+
+def _choice(chat: bool, text: str, streaming: bool, **fields) -> dict:
+    """One OpenAI-style choice: ``text`` for completions, ``message``/``delta`` for chat."""
+    choice = {"index": 0, **fields}
+    if not chat:
+        choice["text"] = text
+    elif streaming:
+        choice["delta"] = {"content": text}
+    else:
+        choice["message"] = {"role": "assistant", "content": text}
+    return choice
 
 
 FrontDoor = serve.ingress(app)(FrontDoorServer)

@@ -71,6 +71,7 @@ class StageServer:
         self.next_stage, self.head = next_stage, head
         self.sequences: dict[str, _Sequence] = {}
         self.admitted = 0  # sequences prefilled here since start
+        self.batches = self.rows_computed = 0  # decode batches run, and the rows they carried
         self.compute_lock = asyncio.Lock()  # one LayerRange call at a time; the event loop stays free
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.step_batch.set_max_batch_size(self.config.max_batch_size)
@@ -159,6 +160,8 @@ class StageServer:
         async with self.compute_lock:
             out = await asyncio.to_thread(self._compute, rows, fill)
         exited, continuing, fill_out = out
+        self.batches += 1
+        self.rows_computed += len(rows)
         for part in (rows, fill):
             for seq_id, position in zip(part.seq_ids, part.positions.tolist(), strict=True):
                 self._known(seq_id).wrote(position)
@@ -290,6 +293,9 @@ class StageServer:
             "replica": self.replica_id,
             "sequences": len(self.sequences),
             "admitted": self.admitted,
+            "decode_batches": self.batches,
+            "mean_batch_rows": self.rows_computed / self.batches if self.batches else 0.0,
+            "torch_threads": torch.get_num_threads(),
             "kv_slots_in_use": self.layers.cache.slots_in_use,
             "kv_bytes": self.layers.cache.nbytes(),
         }
