@@ -169,9 +169,10 @@ def test_concurrent_requests_with_two_replicas_of_a_stage(pipeline, smollm2):
         )
         assert body["choices"][0]["token_ids"] == hf_greedy(smollm2.model, prompt_ids, MAX_TOKENS), prompt
     replicas = stage_stats(pipeline, "Stage1")
-    assert len(replicas) == 2 and all(r["admitted"] > 0 for r in replicas)  # both replicas held sequences
+    assert len(replicas) == 2 and all(r["admitted"] > 0 for r in replicas), replicas  # both held sequences
     for stage in ("Stage0", "Stage1", "Stage2"):  # every finished sequence released its KV
-        assert all(r["sequences"] == 0 and r["kv_slots_in_use"] == 0 for r in stage_stats(pipeline, stage))
+        stats = stage_stats(pipeline, stage)
+        assert all(r["sequences"] == 0 and r["kv_slots_in_use"] == 0 for r in stats), stats
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,13 @@ class PipelineConfig:
     boundaries: list[int] | None = None  # ...or at these layer indices, e.g. [10, 20] for 3 stages
     exit: dict = field(default_factory=dict)  # server default policy: tau, k, min_layer, window, disable
     default_max_tokens: int = 128
-    max_batch_size: int = 16  # rows a stage or the LM head batches per step (@serve.batch)
+    max_batch_size: int = 32  # step messages a stage or the LM head merges into one batch
     batch_wait_timeout_s: float = 0.003
+    steps_in_flight: int = 2  # front-door step batches in the pipeline at once (pipelining depth)
     step_timeout_s: float = 60.0  # a step that does not come back in time fails the request
     stage_replicas: list[int] | None = None  # fixed replicas per stage (YAML `deployments:` can override)
     replica_cpus: float | None = None  # CPUs reserved per replica (None: Ray's default of 1)
+    torch_threads: int | None = None  # intra-op threads per replica (None: what Ray sets, 1 per CPU)
 
     @classmethod
     def from_args(cls, args: dict | None) -> PipelineConfig:

@@ -25,6 +25,7 @@ from ray import serve
 
 from sedac_ray.completion import Completion, eos_token_ids
 from sedac_ray.model.loading import load_tokenizer_and_config
+from sedac_ray.serve.batcher import Batcher
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.generated import sedac_pb2
 from sedac_ray.serve.requests import GenerationRequest, InvalidRequest, RequestBuilder
@@ -92,6 +93,13 @@ class FrontDoorServer:
         self.model_name = self.config.model
         self.num_layers = int(model_config.num_hidden_layers)
         self.eos_ids = eos_token_ids([generation_config, model_config], tokenizer)
+        # Sequences step together: in-flight steps merge into one stage-0 message per replica.
+        self.steps = Batcher(
+            self._step_many,
+            max_size=self.config.max_batch_size,
+            wait_s=self.config.batch_wait_timeout_s,
+            max_in_flight=self.config.steps_in_flight,
+        )
         self.requests = RequestBuilder(
             tokenizer,
             model_name=self.model_name,
@@ -133,8 +141,7 @@ class FrontDoorServer:
                     routes=[route],
                     token_ids=np.asarray([step.token]),
                 )
-                stage0 = self.stages[0].options(session_id=pin(route[0]))
-                step = (await asyncio.wait_for(self._call(stage0.step, StepMessage(rows)), timeout))[seq_id]
+                step = await asyncio.wait_for(self.steps.submit((route[0], rows)), timeout)
                 position += 1
         finally:
             if route:
@@ -143,6 +150,21 @@ class FrontDoorServer:
     @staticmethod
     async def _call(method, message):
         return await method.remote(message)
+
+    async def _step_many(self, items: list[tuple[str, Rows]]) -> list:
+        """One decode step for many sequences: one message per stage-0 replica, so stage 0 sees
+        them as one batch. Returns each item's TokenResult."""
+        groups: dict[str, list[int]] = {}
+        for index, (replica, _) in enumerate(items):
+            groups.setdefault(replica, []).append(index)
+        calls = {
+            replica: self.stages[0]
+            .options(session_id=pin(replica))
+            .step.remote(StepMessage(Rows.concat([items[i][1] for i in indices])))
+            for replica, indices in groups.items()
+        }
+        answers = dict(zip(calls, await asyncio.gather(*calls.values()), strict=True))
+        return [answers[replica][rows.seq_ids[0]] for replica, rows in items]
 
     async def _release(self, seq_id: str, route: tuple[str, ...]) -> None:
         calls = [

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import torch
-from ray import serve
 
 from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.model.loading import load_model
 from sedac_ray.sampling import choose_tokens
+from sedac_ray.serve.batcher import Batcher
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.transport import Rows, TokenResult, unpack_hidden
 
@@ -17,16 +17,18 @@ from sedac_ray.serve.transport import Rows, TokenResult, unpack_hidden
 class HeadServer:
     def __init__(self, config: dict):
         self.config = PipelineConfig.from_args(config)
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
         loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
         self.adapter = ModelAdapter(loaded.model)
-        self.sample_batch.set_max_batch_size(self.config.max_batch_size)
-        self.sample_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self.batcher = Batcher(
+            self.sample_batch, self.config.max_batch_size, self.config.batch_wait_timeout_s
+        )
 
     async def sample(self, rows: Rows) -> dict[str, TokenResult]:
         """The next token of each row, chosen from ``lm_head(final_norm(hidden))``."""
-        return await self.sample_batch(rows)
+        return await self.batcher.submit(rows)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
     async def sample_batch(self, messages: list[Rows]) -> list[dict[str, TokenResult]]:
         rows = Rows.concat(messages)
         tokens = await asyncio.to_thread(self._choose, rows)

@@ -1,6 +1,6 @@
 """A pipeline stage: one range of decoder layers (stage 0 also embeds), as a Ray Serve deployment.
 
-Each step request carries decode rows of one or more sequences; ``@serve.batch`` merges the
+Each step request carries decode rows of one or more sequences; a :class:`Batcher` merges the
 requests in flight into one :class:`LayerRange` call, where tokens exit layer by layer. Then:
 
 * the exit group goes straight to the LM head;
@@ -28,6 +28,7 @@ from ray import serve
 from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.model.loading import load_model
 from sedac_ray.runtime.layer_range import LayerRange, TokenRows
+from sedac_ray.serve.batcher import Batcher
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.routing import pin
 from sedac_ray.serve.transport import (
@@ -63,6 +64,8 @@ class _Sequence:
 class StageServer:
     def __init__(self, config: dict, stage_index: int, next_stage=None, head=None):
         self.config = PipelineConfig.from_args(config)
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
         loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
         self.adapter = ModelAdapter(loaded.model)
         self.stage_index = stage_index
@@ -71,16 +74,23 @@ class StageServer:
         self.next_stage, self.head = next_stage, head
         self.sequences: dict[str, _Sequence] = {}
         self.admitted = 0  # sequences prefilled here since start
-        self.batches = self.rows_computed = 0  # decode batches run, and the rows they carried
+        self.rows_computed = 0  # decode rows run here
         self.compute_lock = asyncio.Lock()  # one LayerRange call at a time; the event loop stays free
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.step_batch.set_max_batch_size(self.config.max_batch_size)
-        self.step_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self.batcher = Batcher(self.step_batch, self.config.max_batch_size, self.config.batch_wait_timeout_s)
         logger.info(f"stage {stage_index}: layers {start + 1}..{end} on {self.config.device}")
 
     # ---- prefill: one whole prompt, full depth -------------------------------------------------
 
     async def prefill(self, message: PrefillMessage) -> PrefillResult:
+        try:
+            return await self._prefill(message)
+        except BaseException:
+            # The front door never learns a route for a failed prefill: free this replica's part here.
+            await self.release([message.seq_id])
+            raise
+
+    async def _prefill(self, message: PrefillMessage) -> PrefillResult:
         sequence = self._admit(message.seq_id)
         if message.token_ids is not None:
             count = len(message.token_ids)
@@ -129,7 +139,7 @@ class StageServer:
     async def step(self, message: StepMessage) -> dict[str, TokenResult]:
         """Results for ``message.rows`` (the tokens each of them ends up producing)."""
         await self._wait_for_kv(message.rows)
-        pending = await self.step_batch(message)
+        pending = await self.batcher.submit(message)
         results: dict[str, TokenResult] = {}
         for part in await asyncio.gather(*pending):
             results.update(part)
@@ -148,7 +158,6 @@ class StageServer:
                         f"{sequence.filled}; position {position} cannot run"
                     ) from None
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
     async def step_batch(self, messages: list[StepMessage]) -> list[list[asyncio.Future]]:
         # A sequence released while its messages were in flight (it finished, or its client left)
         # is skipped: its late fills are dropped, its late steps fail alone, not the whole batch.
@@ -160,11 +169,11 @@ class StageServer:
         async with self.compute_lock:
             out = await asyncio.to_thread(self._compute, rows, fill)
         exited, continuing, fill_out = out
-        self.batches += 1
         self.rows_computed += len(rows)
         for part in (rows, fill):
             for seq_id, position in zip(part.seq_ids, part.positions.tolist(), strict=True):
-                self._known(seq_id).wrote(position)
+                if seq_id in self.sequences:  # not released while the batch computed
+                    self.sequences[seq_id].wrote(position)
 
         futures: dict[str, asyncio.Future] = {}  # seq_id -> the downstream call carrying its row
         if len(exited):
@@ -281,10 +290,11 @@ class StageServer:
 
     async def release(self, seq_ids: list[str]) -> int:
         """Free the KV of finished sequences; returns how many sequences this replica still holds."""
-        for seq_id in seq_ids:
-            sequence = self.sequences.pop(seq_id, None)
-            if sequence is not None:
-                self.layers.cache.free([sequence.slot])
+        async with self.compute_lock:  # never free a slot under a running batch
+            for seq_id in seq_ids:
+                sequence = self.sequences.pop(seq_id, None)
+                if sequence is not None:
+                    self.layers.cache.free([sequence.slot])
         return len(self.sequences)
 
     async def stats(self) -> dict:
@@ -293,8 +303,9 @@ class StageServer:
             "replica": self.replica_id,
             "sequences": len(self.sequences),
             "admitted": self.admitted,
-            "decode_batches": self.batches,
-            "mean_batch_rows": self.rows_computed / self.batches if self.batches else 0.0,
+            "decode_rows": self.rows_computed,
+            "decode_batches": self.batcher.batches,
+            "mean_batch_rows": self.rows_computed / max(1, self.batcher.batches),
             "torch_threads": torch.get_num_threads(),
             "kv_slots_in_use": self.layers.cache.slots_in_use,
             "kv_bytes": self.layers.cache.nbytes(),
