@@ -21,9 +21,8 @@ class HeadServer:
             torch.set_num_threads(self.config.torch_threads)
         loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
         self.adapter = ModelAdapter(loaded.model)
-        self.batcher = Batcher(
-            self.sample_batch, self.config.max_batch_size, self.config.batch_wait_timeout_s
-        )
+        # Exit groups arrive as whole batches from the stages: no waiting for company.
+        self.batcher = Batcher(self.sample_batch, self.config.max_batch_size, wait_s=0.0)
 
     async def sample(self, rows: Rows) -> dict[str, TokenResult]:
         """The next token of each row, chosen from ``lm_head(final_norm(hidden))``."""

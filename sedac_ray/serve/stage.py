@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import numpy as np
 import torch
@@ -75,9 +76,13 @@ class StageServer:
         self.sequences: dict[str, _Sequence] = {}
         self.admitted = 0  # sequences prefilled here since start
         self.rows_computed = 0  # decode rows run here
+        self.compute_s = 0.0  # wall time spent in decode compute
         self.compute_lock = asyncio.Lock()  # one LayerRange call at a time; the event loop stays free
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.batcher = Batcher(self.step_batch, self.config.max_batch_size, self.config.batch_wait_timeout_s)
+        # Stage 0 gathers single-sequence steps; deeper stages get whole batches, so waiting for
+        # company there only adds latency.
+        wait_s = self.config.batch_wait_timeout_s if stage_index == 0 else 0.0
+        self.batcher = Batcher(self.step_batch, self.config.max_batch_size, wait_s)
         logger.info(f"stage {stage_index}: layers {start + 1}..{end} on {self.config.device}")
 
     # ---- prefill: one whole prompt, full depth -------------------------------------------------
@@ -167,7 +172,9 @@ class StageServer:
         fill = Rows.concat([m.fill for m in messages])
         fill = fill.take([i for i, s in enumerate(fill.seq_ids) if s in self.sequences])
         async with self.compute_lock:
+            started = time.perf_counter()
             out = await asyncio.to_thread(self._compute, rows, fill)
+            self.compute_s += time.perf_counter() - started
         exited, continuing, fill_out = out
         self.rows_computed += len(rows)
         for part in (rows, fill):
@@ -306,6 +313,7 @@ class StageServer:
             "decode_rows": self.rows_computed,
             "decode_batches": self.batcher.batches,
             "mean_batch_rows": self.rows_computed / max(1, self.batcher.batches),
+            "decode_compute_s": self.compute_s,
             "torch_threads": torch.get_num_threads(),
             "kv_slots_in_use": self.layers.cache.slots_in_use,
             "kv_bytes": self.layers.cache.nbytes(),
