@@ -32,6 +32,8 @@ class PinnedReplicaRouter(FIFOMixin, RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True  # no busy loop while a replica is full
         target = pinned_replica(pending_request.metadata.session_id) if pending_request else None
         if target is not None:
             # Only the pinned replica holds this sequence's KV; if it is gone, nothing else can
@@ -40,3 +42,18 @@ class PinnedReplicaRouter(FIFOMixin, RequestRouter):
         if len(candidate_replicas) <= 2:
             return [list(candidate_replicas)]
         return [random.sample(candidate_replicas, 2)]
+
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+        """Hand ``replica`` to the oldest pending request that may go there. FIFOMixin alone would
+        give it to the oldest request of all, even one pinned to another replica."""
+        for pending in list(self._pending_requests_to_fulfill):
+            if pending.future.done():
+                continue
+            target = pinned_replica(pending.metadata.session_id)
+            if target is None or target == replica.replica_id.unique_id:
+                self._pending_requests_to_fulfill.remove(pending)
+                self._cancel_routing_task_for_pending_request(pending)
+                self._record_queue_wait_time(pending)
+                pending.future.set_result(replica)
+                self._remove_pending_request_from_indices(pending)
+                return

@@ -143,8 +143,17 @@ class StageServer:
 
     async def step(self, message: StepMessage) -> dict[str, TokenResult]:
         """Results for ``message.rows`` (the tokens each of them ends up producing)."""
-        await self._wait_for_kv(message.rows)
-        pending = await self.batcher.submit(message)
+        # Fills go in at once and never wait: a message's decode rows may wait for fills that
+        # travel in other messages, and those may wait for this message's fills.
+        fills = None
+        if len(message.fill):
+            fills = asyncio.ensure_future(self.batcher.submit(StepMessage(Rows.empty(), message.fill)))
+        pending = []
+        if len(message.rows):
+            await self._wait_for_kv(message.rows)
+            pending = await self.batcher.submit(StepMessage(message.rows))
+        if fills is not None:
+            await fills
         results: dict[str, TokenResult] = {}
         for part in await asyncio.gather(*pending):
             results.update(part)
