@@ -122,17 +122,3 @@ class CacheView:
             ]
         rows = self._slot_index[:, 0]
         return keys[rows, :, : self.key_length], values[rows, :, : self.key_length]
-
-    def select(self, keep: torch.Tensor, slots_kept) -> CacheView:
-        return CacheView(self.cache, slots_kept, self.positions[keep], self.fill_only)
-
-    # Hugging Face code may ask a cache these; answer as a cache of this call's rows would.
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.key_length
-
-    def get_mask_sizes(self, *args, **kwargs):
-        return self.key_length, 0
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
