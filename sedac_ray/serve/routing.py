@@ -39,9 +39,9 @@ class PinnedReplicaRouter(FIFOMixin, RequestRouter):
             # Only the pinned replica holds this sequence's KV; if it is gone, nothing else can
             # serve the request and the caller's timeout reports it.
             return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
-        if len(candidate_replicas) <= 2:
-            return [list(candidate_replicas)]
-        return [random.sample(candidate_replicas, 2)]
+        # Two random replicas (in random order, so ties in queue length split evenly); the less
+        # loaded one takes the new sequence.
+        return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
 
     def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
         """Hand ``replica`` to the oldest pending request that may go there. FIFOMixin alone would
