@@ -166,7 +166,7 @@ class StageServer:
                 sequence.changed.clear()
                 try:
                     await asyncio.wait_for(sequence.changed.wait(), self.config.step_timeout_s)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # an alias of TimeoutError from 3.11 on
                     raise RuntimeError(
                         f"stage {self.stage_index}: K/V of sequence {seq_id} stopped at position "
                         f"{sequence.filled}; position {position} cannot run"
