@@ -18,15 +18,14 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" once finished
-    _streamed: int = 0  # characters of text already handed out by add()
+    _streamed: int = 0  # characters of text already handed out by new_text()
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token: int, exit_layer: int) -> str:
-        """Record one generated token; returns the text it completes (held back while a stop string
-        or a multi-byte character may still be forming)."""
+    def add(self, token: int, exit_layer: int) -> None:
+        """Record one generated token and whether it ends the completion."""
         self.token_ids.append(int(token))
         self.exit_layers.append(int(exit_layer))
         if token in self.eos_ids:
@@ -35,6 +34,10 @@ class Completion:
             self.finish_reason = "stop"
         elif len(self.token_ids) >= self.max_tokens:
             self.finish_reason = "length"
+
+    def new_text(self) -> str:
+        """Text completed since the last call, for streaming: held back while a stop string or a
+        multi-byte character may still be forming."""
         text = self.text
         if not self.finished:
             text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes to U+FFFD

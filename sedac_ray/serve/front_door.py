@@ -126,7 +126,8 @@ class FrontDoorServer:
             route, step = result.route, result.first
             position = len(request.prompt_ids)
             while True:
-                text = completion.add(step.token, step.exit_layer)
+                completion.add(step.token, step.exit_layer)
+                text = completion.new_text()
                 yield TokenEvent(
                     step.token, step.exit_layer, text, len(completion.token_ids) - 1, completion.finish_reason
                 )
