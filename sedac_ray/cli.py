@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from sedac_ray.deploy.cli import add_k8s_parser
 from sedac_ray.model.loading import ACCEPTED_SPECS, DEFAULT_MODEL
 
 
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the pipeline on Ray Serve (`serve run` a config)")
     serve.add_argument("config", nargs="?", default="deployments/local.yaml", help="Serve config YAML")
     serve.set_defaults(func=cmd_serve)
+
+    add_k8s_parser(commands)  # sedac k8s render | validate
     return parser
 
 

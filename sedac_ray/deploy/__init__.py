@@ -1,0 +1,1 @@
+"""Deploy configs: offline validation (``validate``) and KubeRay manifest rendering (``render``)."""
