@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -41,6 +42,10 @@ def cmd_validate(args) -> int:
     crd_path = args.crd or os.environ.get(CRD_ENV)
     if crd_path and not Path(crd_path).is_file():
         raise FileNotFoundError(f"RayService CRD {crd_path} does not exist")
+    if crd_path and importlib.util.find_spec("jsonschema") is None:
+        raise ValueError(
+            "checking against the CRD needs jsonschema: pip install jsonschema (or the [test] extra)"
+        )
     schema = load_crd_schema(crd_path) if crd_path else None
     if schema is None:
         print(
