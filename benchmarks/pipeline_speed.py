@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import time
 import urllib.request
@@ -23,14 +22,9 @@ from pathlib import Path
 from engine_speed import PROMPTS  # the same prompts as the engine benchmark
 
 from sedac_ray import Engine, ExitPolicy, load_model
+from sedac_ray.serve.local_cluster import LocalPipeline
 
 POLICIES = {"no exit": {"disable_exit": True}, "tau=0.97,K=3": {"tau": 0.97, "k": 3}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request(url: str, prompt: str, max_tokens: int, sedac: dict) -> dict:
@@ -51,10 +45,6 @@ def request(url: str, prompt: str, max_tokens: int, sedac: dict) -> dict:
     }
 
 
-def stage_stats(serve, name: str) -> list[dict]:
-    return serve.get_deployment_handle(name, app_name="sedac").broadcast("stats").results()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -65,18 +55,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/pipeline_speed.json")
     args = parser.parse_args()
 
-    import ray
-    from ray import serve
-
-    from sedac_ray.serve.app import build_app
-
     loaded = load_model()  # also leaves the dequantized copy the replicas load
     engine = Engine(loaded)
-    port = free_port()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"stages": 3, "replica_cpus": 0.1}), name="sedac", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    pipeline = LocalPipeline.start({"stages": 3, "replica_cpus": 0.1}, num_cpus=args.num_cpus)
+    url = f"{pipeline.http_url}/v1/chat/completions"
     request(url, "warm up", 4, {})
 
     rows = []
@@ -104,7 +86,7 @@ def main() -> None:
             pipeline_s = time.perf_counter() - start
             tokens = sum(len(a["token_ids"]) for a in answers)
             same = sum(a["token_ids"] == r.token_ids for a, r in zip(answers, outs, strict=True))
-            stats = [s for name in ("Stage0", "Stage1", "Stage2") for s in stage_stats(serve, name)]
+            stats = [s for name in ("Stage0", "Stage1", "Stage2") for s in pipeline.stats(name)]
             rows.append(
                 {
                     "policy": name,
@@ -121,8 +103,7 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
-    serve.shutdown()
-    ray.shutdown()
+    pipeline.stop()
 
     names = ["policy", "conc", "engine tok/s", "pipeline tok/s", "ratio", "TPOT ms", "layers", "same"]
     widths = [16, 5, 14, 16, 7, 9, 8, 7]

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+
 import pytest
 import torch
 from transformers import (
@@ -15,7 +21,9 @@ from transformers import (
     Qwen3Config,
 )
 
+from sedac_ray.client import SedacClient
 from sedac_ray.model.loading import LoadedModel, load_model
+from sedac_ray.serve.local_cluster import LocalPipeline
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -74,3 +82,71 @@ def hf_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int
         ids, max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids)
     )
     return out[0, len(prompt_ids) :].tolist()
+
+
+# ---- the served pipeline (tests/test_serving.py, tests/test_reliability.py) -------------------
+
+TEST_API_KEY = f"sk-test-{uuid.uuid4().hex}"  # unique, so a scan of the logs can look for leaks
+SERVING_ARGS = {
+    "stages": 3,
+    "stage_replicas": [1, 2, 1],  # two replicas of Stage1: sticky routing must hold
+    "replica_cpus": 0.1,
+    "exit": {"tau": 0.99, "k": 3},
+    "max_concurrent_requests": 12,
+    "kv_budget_mb": 32,
+    "max_request_bytes": 64 * 1024,
+    "step_timeout_s": 30,
+    "api_key_env": "SEDAC_TEST_API_KEY",
+}
+
+
+@dataclass
+class Served:
+    local: LocalPipeline
+    grpc: SedacClient
+
+    @property
+    def http(self) -> str:
+        return self.local.http_url
+
+
+@pytest.fixture(scope="session")
+def pipeline(smollm2) -> Served:
+    """Three stages over 30 layers (1..10, 11..20, 21..30) on a real local Ray with 2 CPUs."""
+    local = LocalPipeline.start(SERVING_ARGS, env={"SEDAC_TEST_API_KEY": TEST_API_KEY})
+    client = SedacClient(local.grpc_target, api_key=TEST_API_KEY, timeout_s=120)
+    yield Served(local, client)
+    client.close()
+    local.stop()
+
+
+def post(
+    served: Served, path: str, body, raw: bool = False, api_key: str | None = TEST_API_KEY
+) -> tuple[int, dict | str, dict]:
+    """POST JSON (or raw bytes); returns status, parsed body (or SSE text) and headers."""
+    data = body if raw else json.dumps(body).encode()
+    headers = {"content-type": "application/json"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(served.http + path, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=180) as response:
+            text = response.read().decode()
+            streamed = "event-stream" in response.headers["content-type"]
+            return response.status, text if streamed else json.loads(text), dict(response.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read().decode()), dict(err.headers)
+
+
+def chat(served: Served, prompt: str, **extra) -> dict:
+    status, body, _ = post(
+        served, "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], **extra}
+    )
+    assert status == 200, body
+    return body
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False
+    )

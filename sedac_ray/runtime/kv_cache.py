@@ -21,6 +21,7 @@ class SlotKVCache:
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
         self._capacity = initial_capacity
+        self._initial_capacity = initial_capacity
         self._num_slots = 0
         self._free: list[int] = []
 
@@ -52,6 +53,17 @@ class SlotKVCache:
                 raise ValueError(f"slot {slot} is not allocated")
             self._free.append(slot)
 
+    def truncate(self, slot: int, length: int) -> None:
+        """Forget positions ``>= length`` of ``slot`` in every layer (a speculative rollback): they
+        become zeros again, exactly as if nothing had been written there."""
+        if not 0 <= slot < self._num_slots or slot in self._free:
+            raise ValueError(f"slot {slot} is not allocated")
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
+        for store in (self._keys, self._values):
+            for tensor in store.values():
+                tensor[slot, :, length:] = 0
+
     def reserve(self, length: int) -> None:
         """Make room for positions ``< length`` in every slot (capacity doubles)."""
         if length > self._capacity:
@@ -59,6 +71,33 @@ class SlotKVCache:
             while capacity < length:
                 capacity *= 2
             self._grow(num_slots=self._num_slots, capacity=capacity)
+
+    def footprint_after(self, length: int) -> tuple[int, int]:
+        """``(slots, capacity)`` of the storage once one more sequence of ``length`` positions is
+        admitted: what an admission check multiplies by the bytes per position."""
+        capacity = self._capacity
+        while capacity < length:
+            capacity *= 2
+        return self._num_slots + (0 if self._free else 1), capacity
+
+    def shrink(self, capacity: int) -> None:
+        """Give memory back: drop the free slots at the end of the storage and cut the capacity to
+        ``capacity`` positions (rounded up by doubling). The caller guarantees that no live
+        sequence holds positions beyond it."""
+        num_slots = self._num_slots
+        while num_slots and num_slots - 1 in self._free:
+            num_slots -= 1
+        new_capacity = self._initial_capacity
+        while new_capacity < capacity:
+            new_capacity *= 2
+        new_capacity = min(new_capacity, self._capacity)
+        if (num_slots, new_capacity) == (self._num_slots, self._capacity):
+            return
+        self._free = [slot for slot in self._free if slot < num_slots]
+        for store in (self._keys, self._values):
+            for layer, old in store.items():
+                store[layer] = old[:num_slots, :, :new_capacity].clone()
+        self._num_slots, self._capacity = num_slots, new_capacity
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self._keys.values(), *self._values.values()))

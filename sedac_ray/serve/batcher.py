@@ -33,6 +33,11 @@ class Batcher(Generic[Item, Result]):
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future]] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
 
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch."""
+        return self._queue.qsize()
+
     async def submit(self, item: Item) -> Result:
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._run())
@@ -67,5 +72,9 @@ class Batcher(Generic[Item, Result]):
                     future.set_exception(error)
             return
         for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
+            if future.done():
+                continue
+            if isinstance(result, BaseException):  # this item alone failed
+                future.set_exception(result)
+            else:
                 future.set_result(result)

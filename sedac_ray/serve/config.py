@@ -24,6 +24,14 @@ class PipelineConfig:
     stage_replicas: list[int] | None = None  # fixed replicas per stage (YAML `deployments:` can override)
     replica_cpus: float | None = None  # CPUs reserved per replica (None: Ray's default of 1)
     torch_threads: int | None = None  # intra-op threads per replica (None: what Ray sets, 1 per CPU)
+    # Admission and limits: past them a request gets 429 / RESOURCE_EXHAUSTED (or 413), never an OOM.
+    max_concurrent_requests: int = 64  # per front-door replica
+    kv_budget_mb: float | None = 512.0  # KV cache per stage replica (None: unbounded)
+    max_request_bytes: int = 1 << 20  # HTTP body or gRPC message
+    request_timeout_s: float = 300.0  # whole request, prefill to last token
+    # Auth: a bearer key read from this environment variable; auth is off while it is unset.
+    api_key_env: str = "SEDAC_API_KEY"
+    require_api_key: bool = False  # refuse to start without the key
 
     @classmethod
     def from_args(cls, args: dict | None) -> PipelineConfig:
@@ -36,6 +44,13 @@ class PipelineConfig:
         config.default_policy()  # fail at build time, not on the first request
         if config.boundaries is None and config.stages < 1:
             raise ValueError(f"stages must be >= 1, got {config.stages}")
+        for name in ("max_concurrent_requests", "max_request_bytes", "max_batch_size"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+        for name in ("request_timeout_s", "step_timeout_s", "kv_budget_mb"):
+            value = getattr(config, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         return config
 
     @property

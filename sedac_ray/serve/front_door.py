@@ -1,9 +1,10 @@
 """The ingress: OpenAI-style HTTP (FastAPI) and gRPC (``sedac.v1.SedacService``) in one deployment.
 
-Each request becomes a sequence: prefill through every stage (which pins the sequence's KV to one
-replica per stage), then one decode step at a time through stage 0, which forwards what
-continues and what exits. Tokens come back in order per request and are streamed as they come.
-When the sequence ends, for any reason, its KV is released in every stage.
+Both protocols go through the same steps: auth, size limit, parsing and validation
+(:class:`RequestBuilder`), admission (a concurrency limit here, a KV budget in every stage), then
+the :class:`PipelineDriver` runs the sequence. Every outcome is one
+:class:`~sedac_ray.serve.errors.ServeError` class with its HTTP status and gRPC code, counted in
+the metrics and logged as one JSON line that carries the request id the client also gets back.
 """
 
 from __future__ import annotations
@@ -13,35 +14,43 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import weakref
+from collections.abc import AsyncIterator, Callable
 
-import grpc
-import numpy as np
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 from ray import serve
 
 from sedac_ray.completion import Completion, eos_token_ids
 from sedac_ray.model.loading import load_tokenizer_and_config
-from sedac_ray.serve.batcher import Batcher
+from sedac_ray.serve.auth import ApiKeyAuth, grpc_authorization
 from sedac_ray.serve.config import PipelineConfig
+from sedac_ray.serve.driver import PipelineDriver
+from sedac_ray.serve.errors import (
+    MalformedRequest,
+    Overloaded,
+    RequestTooLarge,
+    ServeError,
+    as_serve_error,
+    http_error,
+    set_grpc_error,
+)
 from sedac_ray.serve.generated import sedac_pb2
-from sedac_ray.serve.requests import GenerationRequest, InvalidRequest, RequestBuilder
-from sedac_ray.serve.routing import pin
-from sedac_ray.serve.transport import PrefillMessage, Rows, StepMessage
+from sedac_ray.serve.grpc_service import UnparsableRequest
+from sedac_ray.serve.metrics import FrontDoorMetrics
+from sedac_ray.serve.requests import GenerationRequest, RequestBuilder
 
 logger = logging.getLogger("ray.serve")
-
-
-@dataclass
-class TokenEvent:
-    token: int
-    exit_layer: int
-    text: str  # text this token completes
-    index: int
-    finish_reason: str | None
 
 
 # ---- HTTP schemas (strict: a string where a number belongs is a 422, not a guess) ----------------
@@ -84,22 +93,25 @@ class ChatBody(_Common):
 app = FastAPI(title="sedac-ray", description="Early-exit LLM serving")
 
 
+def current_request_id() -> str:
+    """Serve's id for the request being handled (it also returns it as the ``x-request-id``
+    header and the gRPC ``request_id`` trailer); a fresh one outside a Serve request."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or uuid.uuid4().hex
+
+
 class FrontDoorServer:
     def __init__(self, config: dict, stages: list, head=None):
         self.config = PipelineConfig.from_args(config)
         self.stages = stages
+        self.auth = ApiKeyAuth.from_env(self.config.api_key_env, required=self.config.require_api_key)
         tokenizer, model_config, generation_config = load_tokenizer_and_config(self.config.model)
         self.tokenizer = tokenizer
         self.model_name = self.config.model
         self.num_layers = int(model_config.num_hidden_layers)
         self.eos_ids = eos_token_ids([generation_config, model_config], tokenizer)
-        # Sequences step together: in-flight steps merge into one stage-0 message per replica.
-        self.steps = Batcher(
-            self._step_many,
-            max_size=self.config.max_batch_size,
-            wait_s=self.config.batch_wait_timeout_s,
-            max_in_flight=self.config.steps_in_flight,
-        )
+        self.driver = PipelineDriver(self.config, stages)
         self.requests = RequestBuilder(
             tokenizer,
             model_name=self.model_name,
@@ -108,79 +120,59 @@ class FrontDoorServer:
             default_policy=self.config.default_policy(),
             default_max_tokens=self.config.default_max_tokens,
         )
-
-    # ---- the decode loop shared by both protocols -----------------------------------------------
+        self.metrics = FrontDoorMetrics(self.num_layers)
+        self.active = 0
+        logger.info(
+            f"front door: {self.model_name}, {len(stages)} stages, API key "
+            f"{'required' if self.auth.enabled else 'off'}, at most "
+            f"{self.config.max_concurrent_requests} concurrent requests"
+        )
 
     def new_completion(self, request: GenerationRequest) -> Completion:
         return Completion(self.tokenizer, request.max_tokens, self.eos_ids, request.stop)
 
-    async def generate(self, request: GenerationRequest, completion: Completion) -> AsyncIterator[TokenEvent]:
-        """Run one sequence; yields each token as it arrives and records it in ``completion``."""
-        seq_id = uuid.uuid4().hex
-        rule = np.asarray([request.policy.rule()], dtype=np.float32)
-        timeout = self.config.step_timeout_s
-        route: tuple[str, ...] = ()
-        try:
-            prefill = PrefillMessage(seq_id, request.sampling, token_ids=request.prompt_ids)
-            result = await asyncio.wait_for(self._call(self.stages[0].prefill, prefill), timeout)
-            route, step = result.route, result.first
-            position = len(request.prompt_ids)
-            while True:
-                completion.add(step.token, step.exit_layer)
-                text = completion.new_text()
-                yield TokenEvent(
-                    step.token, step.exit_layer, text, len(completion.token_ids) - 1, completion.finish_reason
-                )
-                if completion.finished:
-                    return
-                rows = Rows(
-                    seq_ids=[seq_id],
-                    positions=np.asarray([position]),
-                    rules=rule,
-                    state=np.zeros(1, np.int64),
-                    sampling=[request.sampling],
-                    routes=[route],
-                    token_ids=np.asarray([step.token]),
-                )
-                step = await asyncio.wait_for(self.steps.submit((route[0], rows)), timeout)
-                position += 1
-        finally:
-            if route:
-                await self._release(seq_id, route)
+    # ---- what both protocols share: admission, accounting, logs --------------------------------
 
-    @staticmethod
-    async def _call(method, message):
-        return await method.remote(message)
+    def _admit(self) -> Admission:
+        if self.active >= self.config.max_concurrent_requests:
+            raise Overloaded(
+                f"the server is at its limit of {self.config.max_concurrent_requests} concurrent "
+                "requests; retry shortly"
+            )
+        self._count(+1)
+        return Admission(lambda: self._count(-1))
 
-    async def _step_many(self, items: list[tuple[str, Rows]]) -> list:
-        """One decode step for many sequences: one message per stage-0 replica, so stage 0 sees
-        them as one batch. Returns each item's TokenResult."""
-        groups: dict[str, list[int]] = {}
-        for index, (replica, _) in enumerate(items):
-            groups.setdefault(replica, []).append(index)
-        calls = {
-            replica: self.stages[0]
-            .options(session_id=pin(replica))
-            .step.remote(StepMessage(Rows.concat([items[i][1] for i in indices])))
-            for replica, indices in groups.items()
-        }
-        answers = dict(zip(calls, await asyncio.gather(*calls.values()), strict=True))
-        return [answers[replica][rows.seq_ids[0]] for replica, rows in items]
+    def _count(self, change: int) -> None:
+        self.active += change
+        self.metrics.in_flight.set(self.active)
 
-    async def _release(self, seq_id: str, route: tuple[str, ...]) -> None:
-        calls = [
-            stage.options(session_id=pin(replica)).release.remote([seq_id])
-            for stage, replica in zip(self.stages, route, strict=True)
-        ]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        for error in (r for r in results if isinstance(r, Exception)):
-            logger.warning(f"could not release sequence {seq_id}: {error!r}")
-
-    async def complete(self, request: GenerationRequest) -> Completion:
-        completion = self.new_completion(request)
-        async for _ in self.generate(request, completion):
-            pass
-        return completion
+    def _record(
+        self,
+        protocol: str,
+        request_id: str,
+        started: float,
+        code: str,
+        request: GenerationRequest | None = None,
+        completion: Completion | None = None,
+        error: ServeError | None = None,
+    ) -> None:
+        latency = time.perf_counter() - started
+        if error is None:
+            self.metrics.answered(protocol, code, latency, len(request.prompt_ids) if request else 0)
+        else:
+            self.metrics.failed(protocol, code)
+        if completion is not None:
+            self.metrics.tokens(completion.exit_layers)
+        entry = {"event": "request", "request_id": request_id, "protocol": protocol, "status": code}
+        entry["latency_ms"] = round(latency * 1000, 1)
+        if request is not None:
+            entry["prompt_tokens"] = len(request.prompt_ids)
+        if completion is not None:
+            entry["completion_tokens"] = len(completion.token_ids)
+            entry["mean_layers"] = round(completion.mean_layers, 2)
+        if error is not None:
+            entry["error"] = error.message
+        (logger.warning if error is not None and error.http_status >= 500 else logger.info)(json.dumps(entry))
 
     # ---- HTTP -------------------------------------------------------------------------------
 
@@ -194,46 +186,89 @@ class FrontDoorServer:
         }
 
     @app.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, http_request: Request):
+        try:
+            self.auth.check(http_request.headers.get("authorization"))
+        except ServeError as err:
+            return http_error(err, current_request_id())
         return {
             "object": "list",
             "data": [{"id": self.model_name, "object": "model", "owned_by": "sedac-ray"}],
         }
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionBody):
-        return await self._http(body, prompt=body.prompt, messages=None, chat=False)
+    async def completions(self, http_request: Request):
+        return await self._http(http_request, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatBody):
-        messages = [m.model_dump() for m in body.messages]
-        return await self._http(body, prompt=None, messages=messages, chat=True)
+    async def chat_completions(self, http_request: Request):
+        return await self._http(http_request, chat=True)
 
-    async def _http(self, body: _Common, prompt, messages, chat: bool):
-        sedac = body.sedac.model_dump(exclude_none=True) if body.sedac else {}
+    async def _read_body(self, http_request: Request, chat: bool) -> CompletionBody | ChatBody:
+        declared = http_request.headers.get("content-length")
+        limit = self.config.max_request_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
+        raw = await http_request.body()
+        if len(raw) > limit:
+            raise RequestTooLarge(f"the request body is {len(raw)} bytes; the limit is {limit}")
         try:
-            request = self.requests.build(
-                prompt=prompt,
-                messages=messages,
-                max_tokens=body.max_tokens,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                seed=body.seed,
-                stop=[body.stop] if isinstance(body.stop, str) else body.stop,
-                exit_overrides=sedac,
-                model=body.model,
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise MalformedRequest(f"the body is not valid JSON (UTF-8): {err}") from None
+        try:
+            return (ChatBody if chat else CompletionBody).model_validate(data)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors(include_url=False)
             )
-        except InvalidRequest as err:
-            return JSONResponse(
-                status_code=400, content={"error": {"message": str(err), "type": "invalid_request_error"}}
-            )
-        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+            raise MalformedRequest(problems) from None
+
+    def _build_http(self, body: CompletionBody | ChatBody, chat: bool) -> GenerationRequest:
+        return self.requests.build(
+            prompt=None if chat else body.prompt,
+            messages=[m.model_dump() for m in body.messages] if chat else None,
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=[body.stop] if isinstance(body.stop, str) else body.stop,
+            exit_overrides=body.sedac.model_dump(exclude_none=True) if body.sedac else {},
+            model=body.model,
+        )
+
+    async def _http(self, http_request: Request, chat: bool):
+        request_id = current_request_id()
+        started = time.perf_counter()
+        request = completion = None
+        try:
+            self.auth.check(http_request.headers.get("authorization"))
+            body = await self._read_body(http_request, chat)
+            request = self._build_http(body, chat)
+            admission = self._admit()
+        except ServeError as err:
+            self._record("http", request_id, started, str(err.http_status), request, error=err)
+            return http_error(err, request_id)
         created = int(time.time())
         if body.stream:
+            stream = self._sse(request, admission, request_id, started, created, chat)
+            # A stream the server never starts (the client left first) must still give its place back.
+            weakref.finalize(stream, admission.release)
             return StreamingResponse(
-                self._sse(request, request_id, created, chat), media_type="text/event-stream"
+                stream, media_type="text/event-stream", headers={"x-request-id": request_id}
             )
-        completion = await self.complete(request)
+        try:
+            completion = await self.driver.complete(request, lambda: self.new_completion(request))
+        except asyncio.CancelledError:  # the client hung up
+            self._record("http", request_id, started, "499", request, error=ServeError("client disconnected"))
+            raise
+        except Exception as err:
+            error = as_serve_error(err)
+            self._record("http", request_id, started, str(error.http_status), request, error=error)
+            return http_error(error, request_id)
+        finally:
+            admission.release()
+        self._record("http", request_id, started, "200", request, completion)
         choice = _choice(
             chat,
             completion.text,
@@ -243,7 +278,7 @@ class FrontDoorServer:
             exit_layers=completion.exit_layers,
         )
         return {
-            "id": request_id,
+            "id": ("chatcmpl-" if chat else "cmpl-") + request_id,
             "object": "chat.completion" if chat else "text_completion",
             "created": created,
             "model": self.model_name,
@@ -257,30 +292,63 @@ class FrontDoorServer:
             },
         }
 
-    async def _sse(self, request: GenerationRequest, request_id: str, created: int, chat: bool):
+    async def _sse(
+        self,
+        request: GenerationRequest,
+        admission: Admission,
+        request_id: str,
+        started: float,
+        created: int,
+        chat: bool,
+    ):
         kind = "chat.completion.chunk" if chat else "text_completion"
-        async for event in self.generate(request, self.new_completion(request)):
-            choice = _choice(
-                chat,
-                event.text,
-                streaming=True,
-                finish_reason=event.finish_reason,
-                token_id=event.token,
-                exit_layer=event.exit_layer,
-            )
-            chunk = {
-                "id": request_id,
-                "object": kind,
-                "created": created,
-                "model": self.model_name,
-                "choices": [choice],
-            }
-            yield f"data: {json.dumps(chunk)}\n\n"
+        completion = self.new_completion(request)
+        code, error = "200", None
+        try:
+            async for event in self.driver.stream(request, completion):
+                choice = _choice(
+                    chat,
+                    event.text,
+                    streaming=True,
+                    finish_reason=event.finish_reason,
+                    token_id=event.token,
+                    exit_layer=event.exit_layer,
+                )
+                chunk = {
+                    "id": ("chatcmpl-" if chat else "cmpl-") + request_id,
+                    "object": kind,
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": [choice],
+                }
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except asyncio.CancelledError:
+            code, error = "499", ServeError("client disconnected")
+            raise
+        except Exception as err:  # the status line is sent: report the error as an event
+            error = as_serve_error(err)
+            code = str(error.http_status)
+            payload = {"message": error.message, "type": error.kind, "code": error.http_status}
+            yield f"data: {json.dumps({'error': {**payload, 'request_id': request_id}})}\n\n"
+        finally:
+            admission.release()
+            self._record("http", request_id, started, code, request, completion, error)
         yield "data: [DONE]\n\n"
 
     # ---- gRPC (method names equal the RPC names) ----------------------------------------------
 
-    def _grpc_request(self, message: sedac_pb2.GenerateRequest) -> GenerationRequest:
+    def _grpc_request(self, message, grpc_context) -> GenerationRequest:
+        self.auth.check(grpc_authorization(grpc_context))
+        if isinstance(message, UnparsableRequest):
+            raise MalformedRequest(
+                f"the request is not a valid sedac.v1.GenerateRequest ({message.reason}); string "
+                "fields must be UTF-8"
+            )
+        size = message.ByteSize()
+        if size > self.config.max_request_bytes:
+            raise RequestTooLarge(
+                f"the request is {size} bytes; the limit is {self.config.max_request_bytes}"
+            )
         exit_config = message.exit
         overrides = {"disable_exit": exit_config.disable}
         for name in ("tau", "k", "min_layer", "window"):
@@ -298,22 +366,31 @@ class FrontDoorServer:
             model=message.model or None,
         )
 
-    def _grpc_request_or_refuse(self, message, grpc_context) -> GenerationRequest | None:
-        """The checked request, or None after setting INVALID_ARGUMENT with what to fix."""
-        try:
-            return self._grpc_request(message)
-        except InvalidRequest as err:
-            grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-            grpc_context.set_details(str(err))
-            return None
+    def _grpc_failed(self, grpc_context, request_id, started, error: ServeError, request=None) -> None:
+        set_grpc_error(grpc_context, error, request_id)
+        self._record("grpc", request_id, started, error.grpc_code.name, request, error=error)
 
-    async def Generate(
-        self, message: sedac_pb2.GenerateRequest, grpc_context=None
-    ) -> sedac_pb2.GenerateResponse:
-        request = self._grpc_request_or_refuse(message, grpc_context)
-        if request is None:
-            return sedac_pb2.GenerateResponse()
-        completion = await self.complete(request)
+    async def Generate(self, message, grpc_context=None) -> sedac_pb2.GenerateResponse:
+        request_id = current_request_id()
+        started = time.perf_counter()
+        request = None
+        try:
+            request = self._grpc_request(message, grpc_context)
+            admission = self._admit()
+        except ServeError as err:
+            self._grpc_failed(grpc_context, request_id, started, err, request)
+            return sedac_pb2.GenerateResponse(request_id=request_id)
+        try:
+            completion = await self.driver.complete(request, lambda: self.new_completion(request))
+        except asyncio.CancelledError:
+            self._record("grpc", request_id, started, "CANCELLED", request, error=ServeError("cancelled"))
+            raise
+        except Exception as err:
+            self._grpc_failed(grpc_context, request_id, started, as_serve_error(err), request)
+            return sedac_pb2.GenerateResponse(request_id=request_id)
+        finally:
+            admission.release()
+        self._record("grpc", request_id, started, "OK", request, completion)
         return sedac_pb2.GenerateResponse(
             text=completion.text,
             token_ids=completion.token_ids,
@@ -322,21 +399,54 @@ class FrontDoorServer:
             finish_reason=completion.finish_reason,
             prompt_tokens=len(request.prompt_ids),
             mean_layers=completion.mean_layers,
+            request_id=request_id,
         )
 
-    async def GenerateStream(self, message: sedac_pb2.GenerateRequest, grpc_context=None):
-        request = self._grpc_request_or_refuse(message, grpc_context)
-        if request is None:
+    async def GenerateStream(self, message, grpc_context=None) -> AsyncIterator[sedac_pb2.GenerateChunk]:
+        request_id = current_request_id()
+        started = time.perf_counter()
+        request = None
+        try:
+            request = self._grpc_request(message, grpc_context)
+            admission = self._admit()
+        except ServeError as err:
+            self._grpc_failed(grpc_context, request_id, started, err, request)
             return
-        async for event in self.generate(request, self.new_completion(request)):
-            yield sedac_pb2.GenerateChunk(
-                text=event.text,
-                token_id=event.token,
-                exit_layer=event.exit_layer,
-                index=event.index,
-                finish_reason=event.finish_reason or "",
-                num_layers=self.num_layers,
+        completion = self.new_completion(request)
+        try:
+            async for event in self.driver.stream(request, completion):
+                yield sedac_pb2.GenerateChunk(
+                    text=event.text,
+                    token_id=event.token,
+                    exit_layer=event.exit_layer,
+                    index=event.index,
+                    finish_reason=event.finish_reason or "",
+                    num_layers=self.num_layers,
+                    request_id=request_id,
+                )
+        except asyncio.CancelledError:
+            self._record(
+                "grpc", request_id, started, "CANCELLED", request, completion, ServeError("cancelled")
             )
+            raise
+        except Exception as err:
+            self._grpc_failed(grpc_context, request_id, started, as_serve_error(err), request)
+            return
+        finally:
+            admission.release()
+        self._record("grpc", request_id, started, "OK", request, completion)
+
+
+class Admission:
+    """A request's place under the concurrency limit; :meth:`release` gives it back, once."""
+
+    def __init__(self, on_release: Callable[[], None]):
+        self._on_release: Callable[[], None] | None = on_release
+
+    def release(self) -> None:
+        if self._on_release is not None:
+            on_release, self._on_release = self._on_release, None
+            on_release()
 
 
 def _choice(chat: bool, text: str, streaming: bool, **fields) -> dict:

@@ -12,12 +12,19 @@ from dataclasses import dataclass
 
 from sedac_ray.policy import ExitPolicy
 from sedac_ray.sampling import SamplingParams
+from sedac_ray.serve.errors import InvalidRequest
 
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-class InvalidRequest(ValueError):
-    """The request cannot be served as sent; the message says why and what to change."""
+def _check_utf8(text: str, field: str) -> None:
+    """JSON can carry lone surrogates (\\udc80) that are not text; refuse them by name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidRequest(
+            f"{field} is not valid UTF-8 text (a lone surrogate at character {err.start}); send real text"
+        ) from None
 
 
 @dataclass
@@ -62,6 +69,10 @@ class RequestBuilder:
             raise InvalidRequest(
                 f"model {model!r} is not served here; this server serves {self.model_name!r}"
             )
+        for i, text in enumerate(stop or []):
+            if not isinstance(text, str):
+                raise InvalidRequest(f"stop[{i}] must be a string")
+            _check_utf8(text, f"stop[{i}]")
         prompt_ids = self._encode(prompt, messages)
         max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -93,12 +104,14 @@ class RequestBuilder:
                     )
                 if not isinstance(message.get("content"), str):
                     raise InvalidRequest(f"messages[{i}].content must be a string")
+                _check_utf8(message["content"], f"messages[{i}].content")
             if not any(m["content"].strip() for m in messages):
                 raise InvalidRequest("messages are empty: at least one message needs content")
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
         else:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise InvalidRequest("prompt is empty: send a non-empty prompt (or chat messages)")
+            _check_utf8(prompt, "prompt")
             ids = self.tokenizer(prompt)["input_ids"]
         return [int(i) for i in ids]
 

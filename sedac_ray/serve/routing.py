@@ -6,15 +6,23 @@ one id per stage (the sequence's *route*) and sends every later message for that
 replica, and any other message (a new sequence's prefill) to the less loaded of two random
 replicas. Explicit pins stay correct when a stage scales: existing sequences keep their
 replicas, new sequences spread over all of them.
+
+If a pinned replica has left the running set for longer than :data:`PIN_GRACE_S` (it died or was
+scaled away), its requests fail at once with :class:`ReplicaGone` (503 / ``UNAVAILABLE``) instead
+of waiting for a step timeout: nothing else holds that sequence's KV.
 """
 
 from __future__ import annotations
 
 import random
+import time
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from sedac_ray.serve.errors import ReplicaGone
+
 _PIN_PREFIX = "sedac-replica:"
+PIN_GRACE_S = 5.0  # a replica missing from the routing table this long is gone, not just late
 
 
 def pin(replica_id: str) -> str:
@@ -36,9 +44,21 @@ class PinnedReplicaRouter(FIFOMixin, RequestRouter):
             pending_request.routing_context.should_backoff = True  # no busy loop while a replica is full
         target = pinned_replica(pending_request.metadata.session_id) if pending_request else None
         if target is not None:
-            # Only the pinned replica holds this sequence's KV; if it is gone, nothing else can
-            # serve the request and the caller's timeout reports it.
-            return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
+            # Only the pinned replica holds this sequence's KV; nothing else can serve the request.
+            chosen = [r for r in candidate_replicas if r.replica_id.unique_id == target]
+            missing_since = self.__dict__.setdefault("_pinned_missing_since", {})
+            if chosen:
+                missing_since.pop(target, None)
+                return [chosen]
+            if time.monotonic() - missing_since.setdefault(target, time.monotonic()) > PIN_GRACE_S:
+                if not pending_request.future.done():
+                    pending_request.future.set_exception(
+                        ReplicaGone(f"replica {target} holding this sequence's KV is gone; retry the request")
+                    )
+                # Offer a candidate so the routing loop looks at the request again, sees it done and
+                # moves on; with nothing offered it would retry this request forever.
+                return [candidate_replicas]
+            return [[]]
         # Two random replicas (in random order, so ties in queue length split evenly); the less
         # loaded one takes the new sequence.
         return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]

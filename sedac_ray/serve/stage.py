@@ -23,6 +23,7 @@ import logging
 import time
 
 import numpy as np
+import psutil
 import torch
 from ray import serve
 
@@ -31,6 +32,8 @@ from sedac_ray.model.loading import load_model
 from sedac_ray.runtime.layer_range import LayerRange, TokenRows
 from sedac_ray.serve.batcher import Batcher
 from sedac_ray.serve.config import PipelineConfig
+from sedac_ray.serve.errors import Overloaded, RequestTooLarge, ServeError, Unavailable, as_serve_error
+from sedac_ray.serve.metrics import StageMetrics
 from sedac_ray.serve.routing import pin
 from sedac_ray.serve.transport import (
     PrefillMessage,
@@ -48,8 +51,9 @@ logger = logging.getLogger("ray.serve")
 class _Sequence:
     """What a replica knows about one sequence: its KV slot and how far its K/V is filled."""
 
-    def __init__(self, slot: int):
+    def __init__(self, slot: int, max_length: int):
         self.slot = slot
+        self.max_length = max_length  # KV positions reserved for it
         self.filled = 0  # K/V present for every position < filled
         self._ahead: set[int] = set()  # positions written out of order
         self.changed = asyncio.Event()
@@ -83,7 +87,14 @@ class StageServer:
         # company there only adds latency.
         wait_s = self.config.batch_wait_timeout_s if stage_index == 0 else 0.0
         self.batcher = Batcher(self.step_batch, self.config.max_batch_size, wait_s)
-        logger.info(f"stage {stage_index}: layers {start + 1}..{end} on {self.config.device}")
+        budget = self.config.kv_budget_mb
+        self.kv_budget_bytes = None if budget is None else int(budget * 2**20)
+        self.position_bytes = _kv_bytes_per_position(loaded.model.config, end - start, self.adapter.dtype)
+        self.metrics = StageMetrics(stage_index)
+        logger.info(
+            f"stage {stage_index}: layers {start + 1}..{end} on {self.config.device}, KV budget "
+            f"{'unbounded' if budget is None else f'{budget:g} MiB'}"
+        )
 
     # ---- prefill: one whole prompt, full depth -------------------------------------------------
 
@@ -96,7 +107,8 @@ class StageServer:
             raise
 
     async def _prefill(self, message: PrefillMessage) -> PrefillResult:
-        sequence = self._admit(message.seq_id)
+        async with self.compute_lock:  # admission may resize the cache: never under a running batch
+            sequence = self._admit(message.seq_id, message.max_length)
         if message.token_ids is not None:
             count = len(message.token_ids)
         else:
@@ -122,7 +134,13 @@ class StageServer:
         packed, dtype = pack_hidden(hidden)
         if self.next_stage is not None:
             downstream = await self.next_stage.prefill.remote(
-                PrefillMessage(message.seq_id, message.sampling, hidden=packed, hidden_dtype=dtype)
+                PrefillMessage(
+                    message.seq_id,
+                    message.sampling,
+                    hidden=packed,
+                    hidden_dtype=dtype,
+                    max_length=message.max_length,
+                )
             )
             return PrefillResult(route=(self.replica_id, *downstream.route), first=downstream.first)
         last = Rows(
@@ -141,23 +159,30 @@ class StageServer:
 
     # ---- decode steps ------------------------------------------------------------------------
 
-    async def step(self, message: StepMessage) -> dict[str, TokenResult]:
-        """Results for ``message.rows`` (the tokens each of them ends up producing)."""
+    async def step(self, message: StepMessage) -> dict[str, TokenResult | ServeError]:
+        """Results for ``message.rows``: the token each of them ends up producing, or the error
+        that stopped that row alone (a failed replica downstream fails only the rows routed there)."""
         # Fills go in at once and never wait: a message's decode rows may wait for fills that
         # travel in other messages, and those may wait for this message's fills.
         fills = None
         if len(message.fill):
             fills = asyncio.ensure_future(self.batcher.submit(StepMessage(Rows.empty(), message.fill)))
-        pending = []
+        pending: dict[str, asyncio.Future] = {}
         if len(message.rows):
             await self._wait_for_kv(message.rows)
             pending = await self.batcher.submit(StepMessage(message.rows))
         if fills is not None:
             await fills
-        results: dict[str, TokenResult] = {}
-        for part in await asyncio.gather(*pending):
-            results.update(part)
-        return {seq_id: results[seq_id] for seq_id in message.rows.seq_ids}
+        calls = list({id(f): f for f in pending.values()}.values())
+        answers = dict(zip(map(id, calls), await asyncio.gather(*calls, return_exceptions=True), strict=True))
+        results: dict[str, TokenResult | ServeError] = {}
+        for seq_id, call in pending.items():
+            answer = answers[id(call)]
+            if isinstance(answer, BaseException):
+                results[seq_id] = as_serve_error(answer)
+            else:
+                results[seq_id] = answer[seq_id]
+        return results
 
     async def _wait_for_kv(self, rows: Rows) -> None:
         for seq_id, position in zip(rows.seq_ids, rows.positions.tolist(), strict=True):
@@ -172,7 +197,8 @@ class StageServer:
                         f"{sequence.filled}; position {position} cannot run"
                     ) from None
 
-    async def step_batch(self, messages: list[StepMessage]) -> list[list[asyncio.Future]]:
+    async def step_batch(self, messages: list[StepMessage]) -> list[dict[str, asyncio.Future]]:
+        """Runs the merged batch; for each message, the downstream call that answers each row."""
         # A sequence released while its messages were in flight (it finished, or its client left)
         # is skipped: its late fills are dropped, its late steps fail alone, not the whole batch.
         gone = {id(m) for m in messages if any(s not in self.sequences for s in m.rows.seq_ids)}
@@ -186,6 +212,7 @@ class StageServer:
             self.compute_s += time.perf_counter() - started
         exited, continuing, fill_out = out
         self.rows_computed += len(rows)
+        self.metrics.batch(len(rows), self.batcher.queued)
         for part in (rows, fill):
             for seq_id, position in zip(part.seq_ids, part.positions.tolist(), strict=True):
                 if seq_id in self.sequences:  # not released while the batch computed
@@ -197,17 +224,19 @@ class StageServer:
             futures.update(dict.fromkeys(exited.seq_ids, head_call))
         if self.next_stage is not None:
             futures.update(self._send_downstream(continuing, fill_out))
-        return [[self._released(m)] if id(m) in gone else self._futures_for(m, futures) for m in messages]
+        return [
+            self._released(m) if id(m) in gone else {s: futures[s] for s in m.rows.seq_ids} for m in messages
+        ]
 
-    @staticmethod
-    def _futures_for(message: StepMessage, futures: dict[str, asyncio.Future]) -> list[asyncio.Future]:
-        return list({id(futures[s]): futures[s] for s in message.rows.seq_ids}.values())
-
-    def _released(self, message: StepMessage) -> asyncio.Future:
+    def _released(self, message: StepMessage) -> dict[str, asyncio.Future]:
         future = asyncio.get_running_loop().create_future()
         missing = [s for s in message.rows.seq_ids if s not in self.sequences]
-        future.set_exception(KeyError(f"stage {self.stage_index} no longer holds sequences {missing}"))
-        return future
+        future.set_exception(
+            Unavailable(
+                f"stage {self.stage_index} replica {self.replica_id} no longer holds sequences {missing}"
+            )
+        )
+        return dict.fromkeys(message.rows.seq_ids, future)
 
     def _compute(self, rows: Rows, fill: Rows) -> tuple[Rows, Rows, Rows]:
         """Run this stage's layers; returns (exit group, continue group, fill group) as Rows."""
@@ -288,13 +317,36 @@ class StageServer:
 
     # ---- sequence table ----------------------------------------------------------------------
 
-    def _admit(self, seq_id: str) -> _Sequence:
+    def _admit(self, seq_id: str, max_length: int) -> _Sequence:
         if seq_id in self.sequences:
             raise ValueError(f"sequence {seq_id} is already prefilled on this replica")
-        (slot,) = self.layers.cache.allocate(1)
-        self.sequences[seq_id] = _Sequence(slot)
+        cache = self.layers.cache
+        if self.kv_budget_bytes is not None:
+            if self._over_budget(max_length):  # free slots and spare capacity may be enough
+                cache.shrink(max([max_length, *(s.max_length for s in self.sequences.values())]))
+            if _pow2_at_least(max_length) * self.position_bytes > self.kv_budget_bytes:  # even alone
+                raise RequestTooLarge(
+                    f"{max_length} tokens (prompt plus max_tokens) need more KV than stage "
+                    f"{self.stage_index}'s budget of {self.config.kv_budget_mb:g} MiB; lower max_tokens"
+                )
+            if self._over_budget(max_length):
+                raise Overloaded(
+                    f"stage {self.stage_index} is at its KV budget ({len(self.sequences)} sequences, "
+                    f"{self.config.kv_budget_mb:g} MiB); retry shortly"
+                )
+        (slot,) = cache.allocate(1)
+        cache.reserve(max_length)  # the whole request's KV up front: no growth, no OOM mid-request
+        self.sequences[seq_id] = _Sequence(slot, max_length)
         self.admitted += 1
+        self._report_kv()
         return self.sequences[seq_id]
+
+    def _over_budget(self, max_length: int) -> bool:
+        slots, capacity = self.layers.cache.footprint_after(max_length)
+        return slots * capacity * self.position_bytes > self.kv_budget_bytes
+
+    def _report_kv(self) -> None:
+        self.metrics.kv(len(self.sequences), self.layers.cache.nbytes(), self.kv_budget_bytes)
 
     def _known(self, seq_id: str) -> _Sequence:
         try:
@@ -311,6 +363,9 @@ class StageServer:
                 sequence = self.sequences.pop(seq_id, None)
                 if sequence is not None:
                     self.layers.cache.free([sequence.slot])
+            if not self.sequences:  # idle: give the KV memory back
+                self.layers.cache.shrink(0)
+        self._report_kv()
         return len(self.sequences)
 
     async def stats(self) -> dict:
@@ -326,4 +381,21 @@ class StageServer:
             "torch_threads": torch.get_num_threads(),
             "kv_slots_in_use": self.layers.cache.slots_in_use,
             "kv_bytes": self.layers.cache.nbytes(),
+            "kv_budget_bytes": self.kv_budget_bytes,
+            "rss_bytes": psutil.Process().memory_info().rss,
         }
+
+
+def _pow2_at_least(length: int) -> int:
+    capacity = 1
+    while capacity < length:
+        capacity *= 2
+    return capacity
+
+
+def _kv_bytes_per_position(model_config, num_layers: int, dtype: torch.dtype) -> int:
+    """K and V bytes one token position takes in ``num_layers`` layers (from the model config)."""
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    return num_layers * 2 * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()

@@ -119,6 +119,7 @@ class PrefillMessage:
     token_ids: list[int] | None = None
     hidden: np.ndarray | None = None  # [tokens, hidden_size]
     hidden_dtype: str = "float32"
+    max_length: int = 0  # prompt plus max_tokens: the KV positions each stage reserves
 
 
 @dataclass

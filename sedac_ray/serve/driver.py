@@ -1,0 +1,184 @@
+"""The front door's side of the pipeline: one sequence from prefill to its last token.
+
+Each sequence is prefilled through every stage (which pins its KV to one replica per stage), then
+decoded one step at a time through stage 0, which forwards what continues and what exits. Steps
+of concurrent sequences merge into one stage-0 message per replica. Whatever ends a sequence
+(its last token, an error, a deadline, a client that hung up) releases its KV in every stage.
+
+Failures of the cluster (a replica died, a stage stopped answering) become
+:class:`~sedac_ray.serve.errors.Unavailable`; such a request is retried once from its prefill
+when the client has seen none of its tokens yet, since the retry then cannot be told apart from
+a first try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from sedac_ray.completion import Completion
+from sedac_ray.serve.batcher import Batcher
+from sedac_ray.serve.config import PipelineConfig
+from sedac_ray.serve.errors import DeadlineExceeded, ServeError, Unavailable, as_serve_error
+from sedac_ray.serve.requests import GenerationRequest
+from sedac_ray.serve.routing import pin
+from sedac_ray.serve.transport import PrefillMessage, Rows, StepMessage, TokenResult
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    exit_layer: int
+    text: str  # text this token completes
+    index: int
+    finish_reason: str | None
+
+
+class PipelineDriver:
+    def __init__(self, config: PipelineConfig, stages: list):
+        self.config = config
+        self.stages = stages
+        # Sequences step together: in-flight steps merge into one stage-0 message per replica.
+        self.steps = Batcher(
+            self._step_many,
+            max_size=config.max_batch_size,
+            wait_s=config.batch_wait_timeout_s,
+            max_in_flight=config.steps_in_flight,
+        )
+        self._releases: set[asyncio.Task] = set()  # kept referenced until done
+        self.retries = 0
+
+    async def complete(
+        self, request: GenerationRequest, new_completion: Callable[[], Completion]
+    ) -> Completion:
+        """The whole completion; nothing reaches the client before the end, so it may be retried."""
+        deadline = time.monotonic() + self.config.request_timeout_s
+        attempt = 1
+        while True:
+            completion = new_completion()
+            try:
+                async for _ in self._run(request, completion, deadline):
+                    pass
+                return completion
+            except Exception as err:
+                error = self._retry_or_raise(err, attempt, deadline)
+            logger.warning(f"retrying a request after: {error.message}")
+            attempt += 1
+
+    async def stream(self, request: GenerationRequest, completion: Completion) -> AsyncIterator[TokenEvent]:
+        """Tokens as they come; retried only if the failure came before the first token."""
+        deadline = time.monotonic() + self.config.request_timeout_s
+        attempt = 1
+        while True:
+            delivered = 0
+            try:
+                async for event in self._run(request, completion, deadline):
+                    delivered += 1
+                    yield event
+                return
+            except Exception as err:
+                if delivered:
+                    raise as_serve_error(err) from err
+                error = self._retry_or_raise(err, attempt, deadline)
+            logger.warning(f"retrying a stream after: {error.message}")
+            attempt += 1
+
+    def _retry_or_raise(self, err: Exception, attempt: int, deadline: float) -> ServeError:
+        error = as_serve_error(err)
+        if attempt > 1 or not isinstance(error, Unavailable) or time.monotonic() >= deadline:
+            raise error from err
+        self.retries += 1
+        return error
+
+    async def _run(
+        self, request: GenerationRequest, completion: Completion, deadline: float
+    ) -> AsyncIterator[TokenEvent]:
+        seq_id = uuid.uuid4().hex
+        rule = np.asarray([request.policy.rule()], dtype=np.float32)
+        route: tuple[str, ...] = ()
+        try:
+            prefill = PrefillMessage(
+                seq_id,
+                request.sampling,
+                token_ids=request.prompt_ids,
+                max_length=len(request.prompt_ids) + request.max_tokens,
+            )
+            result = await self._within(self.stages[0].prefill.remote(prefill), deadline)
+            route, step = result.route, result.first
+            position = len(request.prompt_ids)
+            while True:
+                completion.add(step.token, step.exit_layer)
+                text = completion.new_text()
+                index = len(completion.token_ids) - 1
+                yield TokenEvent(step.token, step.exit_layer, text, index, completion.finish_reason)
+                if completion.finished:
+                    return
+                rows = Rows(
+                    seq_ids=[seq_id],
+                    positions=np.asarray([position]),
+                    rules=rule,
+                    state=np.zeros(1, np.int64),
+                    sampling=[request.sampling],
+                    routes=[route],
+                    token_ids=np.asarray([step.token]),
+                )
+                step = await self._within(self.steps.submit((route[0], rows)), deadline)
+                position += 1
+        finally:
+            if route:  # detached: a cancelled request must still free its KV
+                task = asyncio.ensure_future(self._release(seq_id, route))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
+
+    async def _within(self, awaitable, deadline: float):
+        """``awaitable``'s result within the step timeout and the request's deadline."""
+        remaining = deadline - time.monotonic()
+        timeout = min(self.config.step_timeout_s, remaining)
+        try:
+            return await asyncio.wait_for(awaitable, max(timeout, 0.001))
+        except asyncio.TimeoutError:  # an alias of TimeoutError from 3.11 on
+            if timeout >= remaining:
+                raise DeadlineExceeded(
+                    f"the request ran past its {self.config.request_timeout_s:g} s limit; "
+                    "lower max_tokens or retry later"
+                ) from None
+            raise Unavailable(
+                f"a pipeline stage did not answer within {self.config.step_timeout_s:g} s; retry the request"
+            ) from None
+
+    async def _step_many(self, items: list[tuple[str, Rows]]) -> list[TokenResult | Exception]:
+        """One decode step for many sequences: one message per stage-0 replica, so stage 0 sees
+        them as one batch. Returns each item's TokenResult, or the error that stopped it alone."""
+        groups: dict[str, list[int]] = {}
+        for index, (replica, _) in enumerate(items):
+            groups.setdefault(replica, []).append(index)
+        calls = {
+            replica: self.stages[0]
+            .options(session_id=pin(replica))
+            .step.remote(StepMessage(Rows.concat([items[i][1] for i in indices])))
+            for replica, indices in groups.items()
+        }
+        replies = await asyncio.gather(*calls.values(), return_exceptions=True)
+        answers = dict(zip(calls, replies, strict=True))
+        results: list[TokenResult | Exception] = []
+        for replica, rows in items:
+            answer = answers[replica]
+            results.append(answer if isinstance(answer, BaseException) else answer[rows.seq_ids[0]])
+        return results
+
+    async def _release(self, seq_id: str, route: tuple[str, ...]) -> None:
+        calls = [
+            stage.options(session_id=pin(replica)).release.remote([seq_id])
+            for stage, replica in zip(self.stages, route, strict=True)
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for error in (r for r in results if isinstance(r, BaseException)):
+            logger.warning(f"could not release sequence {seq_id}: {error!r}")

@@ -1,0 +1,335 @@
+"""Reliability of the served pipeline on a real local Ray: bad input over both protocols, auth,
+admission (concurrency limit and KV budget), cancellation, metrics, request ids, and a stage
+replica killed under load. The app's limits are in tests/conftest.py (SERVING_ARGS)."""
+
+from __future__ import annotations
+
+import glob
+import http.client
+import json
+import math
+import os
+import threading
+import time
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from sedac_ray.client import SedacClient
+from sedac_ray.serve.generated import sedac_pb2
+from tests.conftest import TEST_API_KEY, chat, chat_prompt_ids, hf_greedy, post
+
+pytestmark = pytest.mark.slow
+LONG_PROMPT = "Count from 1 to 200, one number per line."
+NOT_UTF8 = b'{"prompt": "\xff\xfe"}'
+
+# (path, body or raw bytes, HTTP status, part of the message)
+HTTP_CASES = {
+    "empty prompt": ("/v1/completions", {"prompt": ""}, 400, "prompt is empty"),
+    "unknown role": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        400,
+        "role must be one of",
+    ),
+    "bytes not UTF-8": ("/v1/completions", NOT_UTF8, 422, "not valid JSON (UTF-8)"),
+    "lone surrogate": ("/v1/completions", b'{"prompt": "\\udc80 hi"}', 400, "not valid UTF-8"),
+    "prompt past context": ("/v1/completions", {"prompt": "word " * 9000}, 400, "context of 8192"),
+    "max_tokens 0": ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be"),
+    "max_tokens negative": ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400, "max_tokens must be"),
+    "max_tokens past context": (
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": 9000},
+        400,
+        "context of 8192",
+    ),
+    "tau NaN": ("/v1/completions", b'{"prompt": "hi", "sedac": {"tau": NaN}}', 400, "tau must be"),
+    "tau negative": ("/v1/completions", {"prompt": "hi", "sedac": {"tau": -0.5}}, 400, "tau must be"),
+    "tau above 1": ("/v1/completions", {"prompt": "hi", "sedac": {"tau": 1.5}}, 400, "tau must be in (0, 1]"),
+    "k 0": ("/v1/completions", {"prompt": "hi", "sedac": {"k": 0}}, 400, "k must be"),
+    "min_layer past depth": (
+        "/v1/completions",
+        {"prompt": "hi", "sedac": {"min_layer": 31}},
+        400,
+        "min_layer must be in 1..30",
+    ),
+    "wrong JSON type": ("/v1/completions", {"prompt": "hi", "max_tokens": "6"}, 422, "max_tokens"),
+    "unknown field in sedac": ("/v1/completions", {"prompt": "hi", "sedac": {"taux": 1}}, 422, "sedac.taux"),
+    "malformed JSON": ("/v1/completions", b'{"prompt": "hi",', 422, "not valid JSON"),
+    "oversized body": ("/v1/completions", {"prompt": "x" * 70_000}, 413, "the limit is 65536"),
+    "unknown model": ("/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 400, "is not served here"),
+    "no messages": ("/v1/chat/completions", {"messages": []}, 422, "at least 1"),
+}
+
+# gRPC: a GenerateRequest (or raw bytes) and part of the INVALID_ARGUMENT message. Negative numbers
+# and wrong types cannot be expressed in the typed proto.
+GRPC_CASES = {
+    "empty prompt": (sedac_pb2.GenerateRequest(prompt=""), "prompt is empty"),
+    "unknown role": (
+        sedac_pb2.GenerateRequest(messages=[sedac_pb2.ChatMessage(role="wizard", content="hi")]),
+        "role must be one of",
+    ),
+    "bytes not UTF-8": (b"\x0a\x02\xff\xfe", "string fields must be UTF-8"),
+    "prompt past context": (sedac_pb2.GenerateRequest(prompt="word " * 9000), "context of 8192"),
+    "max_tokens past context": (sedac_pb2.GenerateRequest(prompt="hi", max_tokens=9000), "context of 8192"),
+    "tau NaN": (
+        sedac_pb2.GenerateRequest(prompt="hi", exit=sedac_pb2.ExitConfig(tau=math.nan)),
+        "tau must be",
+    ),
+    "tau negative": (
+        sedac_pb2.GenerateRequest(prompt="hi", exit=sedac_pb2.ExitConfig(tau=-0.5)),
+        "tau must be",
+    ),
+    "tau above 1": (
+        sedac_pb2.GenerateRequest(prompt="hi", exit=sedac_pb2.ExitConfig(tau=1.5)),
+        "tau must be",
+    ),
+    "k 0": (sedac_pb2.GenerateRequest(prompt="hi", exit=sedac_pb2.ExitConfig(k=0)), "k must be"),
+    "min_layer past depth": (
+        sedac_pb2.GenerateRequest(prompt="hi", exit=sedac_pb2.ExitConfig(min_layer=31)),
+        "min_layer must be in 1..30",
+    ),
+    "oversized message": (sedac_pb2.GenerateRequest(prompt="x" * 70_000), "the limit is 65536"),
+    "unknown model": (sedac_pb2.GenerateRequest(prompt="hi", model="gpt-9"), "is not served here"),
+}
+
+AUTH = [("authorization", f"Bearer {TEST_API_KEY}")]
+
+
+def raw_generate(pipeline, payload: bytes | sedac_pb2.GenerateRequest, metadata=AUTH):
+    """Generate with the request as given (raw bytes pass through unchecked)."""
+    method = pipeline.grpc.channel.unary_unary(
+        "/sedac.v1.SedacService/Generate",
+        request_serializer=None
+        if isinstance(payload, bytes)
+        else sedac_pb2.GenerateRequest.SerializeToString,
+        response_deserializer=sedac_pb2.GenerateResponse.FromString,
+    )
+    return method.with_call(payload, metadata=metadata, timeout=120)
+
+
+def open_stream(pipeline, prompt: str, max_tokens: int):
+    """A gRPC stream that has produced its first token (so its KV is held); cancel() ends it."""
+    request = SedacClient.request(prompt, chat=True, max_tokens=max_tokens, disable_exit=True)
+    call = pipeline.grpc.stub.GenerateStream(request, metadata=AUTH, timeout=300)
+    first = next(call)
+    assert first.token_id >= 0
+    return call
+
+
+def kv_in_use(pipeline) -> list[tuple[int, int, int]]:
+    """(sequences, slots in use, KV bytes) of every stage replica."""
+    return [
+        (r["sequences"], r["kv_slots_in_use"], r["kv_bytes"])
+        for stage in ("Stage0", "Stage1", "Stage2")
+        for r in pipeline.local.stats(stage)
+    ]
+
+
+def running_replicas(pipeline, stage: str) -> list[dict]:
+    try:
+        return pipeline.local.stats(stage)
+    except Exception:  # a replica died between listing and asking
+        return []
+
+
+def wait_for_kv_released(pipeline, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (usage := kv_in_use(pipeline)) != [(0, 0, 0)] * len(usage):
+        assert time.monotonic() < deadline, f"KV still held: {usage}"
+        time.sleep(0.5)
+
+
+def valid_request_is_correct(pipeline, smollm2, prompt: str = "Name a primary color.") -> None:
+    choice = chat(pipeline, prompt, max_tokens=6, sedac={"disable_exit": True})["choices"][0]
+    assert choice["token_ids"] == hf_greedy(smollm2.model, chat_prompt_ids(smollm2.tokenizer, prompt), 6)
+
+
+def test_every_invalid_input_is_refused_on_both_protocols_and_others_are_unaffected(pipeline, smollm2):
+    with ThreadPoolExecutor(4) as pool:
+        # A valid request in flight the whole time: bad neighbours must not disturb it.
+        neighbour = pool.submit(chat, pipeline, "Write a haiku about the sea.", max_tokens=24)
+        http_answers = {
+            name: post(pipeline, path, body, raw=isinstance(body, bytes))
+            for name, (path, body, _, _) in HTTP_CASES.items()
+        }
+        grpc_errors = {}
+        for name, (payload, _) in GRPC_CASES.items():
+            with pytest.raises(grpc.RpcError) as caught:
+                raw_generate(pipeline, payload)
+            grpc_errors[name] = caught.value
+        neighbour_body = neighbour.result()
+    for name, (_, _, status, message) in HTTP_CASES.items():
+        code, answer, _ = http_answers[name]
+        assert code == status and message in answer["error"]["message"], (name, code, answer)
+    for name, (_, message) in GRPC_CASES.items():
+        error = grpc_errors[name]
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, error.code(), error.details())
+        assert message in error.details(), (name, error.details())
+    assert neighbour_body["choices"][0]["token_ids"]  # chat() also checked its 200
+    valid_request_is_correct(pipeline, smollm2)
+
+
+def test_api_key_is_required_and_never_logged(pipeline, smollm2):
+    body = {"prompt": "hi", "max_tokens": 2}
+    code, answer, _ = post(pipeline, "/v1/completions", body, api_key=None)
+    assert code == 401 and "missing API key" in answer["error"]["message"]
+    code, answer, _ = post(pipeline, "/v1/completions", body, api_key="sk-wrong")
+    assert code == 401 and answer["error"]["message"] == "invalid API key"
+    request = urllib.request.Request(pipeline.http + "/v1/models")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 401
+    with urllib.request.urlopen(pipeline.http + "/healthz", timeout=30) as response:  # probes need no key
+        assert response.status == 200
+    for metadata in ([], [("authorization", "Bearer sk-wrong")]):
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_generate(pipeline, sedac_pb2.GenerateRequest(prompt="hi", max_tokens=2), metadata)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    valid_request_is_correct(pipeline, smollm2)
+    logs = glob.glob("/tmp/ray/session_latest/logs/**/*", recursive=True)
+    assert logs, "no Ray logs found to scan"
+    for path in logs:
+        if os.path.isfile(path):
+            with open(path, "rb") as log:
+                assert TEST_API_KEY.encode() not in log.read(), f"the API key is written in {path}"
+
+
+def test_request_ids_are_returned_on_both_protocols(pipeline):
+    code, body, headers = post(pipeline, "/v1/completions", {"prompt": "Hello", "max_tokens": 2})
+    assert code == 200 and body["id"] == "cmpl-" + headers["x-request-id"]
+    code, body, headers = post(pipeline, "/v1/completions", {"prompt": ""})
+    assert code == 400 and body["error"]["request_id"] == headers["x-request-id"]
+    reply, call = raw_generate(pipeline, sedac_pb2.GenerateRequest(prompt="Hello", max_tokens=2))
+    trailers = dict(call.trailing_metadata())
+    assert reply.request_id and reply.request_id == trailers["request_id"]
+
+
+def test_concurrency_limit_answers_429_and_resource_exhausted(pipeline, smollm2):
+    limit = 12  # SERVING_ARGS["max_concurrent_requests"]
+    with ThreadPoolExecutor(limit) as pool:
+        streams = list(pool.map(lambda _: open_stream(pipeline, LONG_PROMPT, 64), range(limit)))
+    try:
+        code, answer, headers = post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert code == 429 and "limit of 12 concurrent requests" in answer["error"]["message"]
+        assert headers["retry-after"] == "1"
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_generate(pipeline, sedac_pb2.GenerateRequest(prompt="hi", max_tokens=2))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert dict(caught.value.trailing_metadata())["retry-after-ms"] == "1000"
+    finally:
+        for stream in streams:
+            stream.cancel()
+    wait_for_kv_released(pipeline)  # cancelled streams free their KV in every stage
+    valid_request_is_correct(pipeline, smollm2)
+
+
+def test_kv_budget_refuses_what_cannot_fit_and_admits_again_when_freed(pipeline, smollm2):
+    # Stage 0 holds 10 layers x 2 x 3 heads x 64 x 4 bytes = 15 KiB per position; budget 32 MiB.
+    code, answer, _ = post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 3000})
+    assert code == 413 and "budget of 32 MiB" in answer["error"]["message"]
+    holder = open_stream(pipeline, LONG_PROMPT, 1000)  # reserves 2048 positions: 30 MiB
+    try:
+        code, answer, headers = post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 1000})
+        assert code == 429 and "KV budget" in answer["error"]["message"] and "retry-after" in headers
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_generate(pipeline, sedac_pb2.GenerateRequest(prompt="hi", max_tokens=1000))
+        assert (
+            caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and "KV budget" in caught.value.details()
+        )
+    finally:
+        holder.cancel()
+    wait_for_kv_released(pipeline)
+    assert chat(pipeline, "Say hi.", max_tokens=1000)["choices"][0]["finish_reason"] == "stop"
+
+
+def test_http_client_disconnect_frees_kv(pipeline):
+    url = urllib.parse.urlparse(pipeline.http)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    body = {"messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 500, "stream": True}
+    connection.request(
+        "POST",
+        "/v1/chat/completions",
+        body=json.dumps(body),
+        headers={"content-type": "application/json", "authorization": f"Bearer {TEST_API_KEY}"},
+    )
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    assert any(sequences for sequences, _, _ in kv_in_use(pipeline))  # generating now
+    connection.close()  # hang up mid-stream
+    wait_for_kv_released(pipeline)
+
+
+def test_metrics_endpoint_exposes_the_named_series(pipeline):
+    post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "sedac": {"tau": 0.97}})
+    post(pipeline, "/v1/completions", {"prompt": ""})
+    wanted = [
+        "ray_sedac_requests_total",
+        "ray_sedac_errors_total",
+        "ray_sedac_generated_tokens_total",
+        "ray_sedac_exit_layer_bucket",
+        "ray_sedac_layers_saved_fraction",
+        "ray_sedac_request_latency_seconds_bucket",
+        "ray_sedac_stage_batch_rows_bucket",
+        "ray_sedac_stage_queue_depth",
+        "ray_sedac_kv_bytes",
+        "ray_sedac_kv_sequences",
+    ]
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(pipeline.local.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        missing = [name for name in wanted if name not in text]
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"metrics missing: {missing}"
+        time.sleep(1)
+    errors = [line for line in text.splitlines() if line.startswith("ray_sedac_errors_total{")]
+    assert any('code="400"' in line and 'protocol="http"' in line for line in errors), errors
+
+
+def test_a_stage_replica_killed_under_load_gives_clean_errors_then_recovers(pipeline, smollm2):
+    import ray
+
+    prompts = [f"Count from {i} to {i + 9}." for i in range(4)] * 2
+    references = {
+        p: hf_greedy(smollm2.model, chat_prompt_ids(smollm2.tokenizer, p), 24) for p in set(prompts)
+    }
+
+    def send(prompt: str) -> tuple[int, dict | str]:
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 24}
+        code, answer, _ = post(pipeline, "/v1/chat/completions", {**body, "sedac": {"disable_exit": True}})
+        return code, answer
+
+    replicas = [
+        actor
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if "Stage1" in actor["name"] and actor["name"].startswith("SERVE_REPLICA")
+    ]
+    assert len(replicas) == 2, replicas
+    killer = threading.Timer(
+        2.0, lambda: ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
+    )
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        killer.start()
+        results = list(zip(prompts, pool.map(send, prompts), strict=True))
+    killer.join()
+    codes = [code for _, (code, _) in results]
+    assert set(codes) <= {200, 503}, results  # clean answers only: no 500s, no hangs
+    for prompt, (code, answer) in results:
+        if code == 200:  # never another request's tokens
+            assert answer["choices"][0]["token_ids"] == references[prompt], prompt
+        else:
+            assert "retry" in answer["error"]["message"], answer
+    deadline = time.monotonic() + 90  # Serve replaces the replica
+    while len(running_replicas(pipeline, "Stage1")) < 2:
+        assert time.monotonic() < deadline, "Stage1 did not get its second replica back"
+        time.sleep(1)
+    for prompt in list(references)[:2]:
+        code, answer = send(prompt)
+        assert code == 200 and answer["choices"][0]["token_ids"] == references[prompt]
+    wait_for_kv_released(pipeline)
