@@ -177,7 +177,7 @@ SERVE = f"{WHERE}: RayService sedac-cpu: spec.serveConfigV2"
         (
             _break_serve(lambda s: s["grpc_options"].update(grpc_port=9001)),
             f"{SERVE}: grpc_options.grpc_port: unknown key (Ray would ignore it silently); "
-            "known: enable_reflection, grpc_servicer_functions, port, request_timeout_s",
+            "did you mean 'port'? known: enable_reflection, grpc_servicer_functions, port, request_timeout_s",
         ),
         (
             _break_serve(
@@ -202,17 +202,15 @@ SERVE = f"{WHERE}: RayService sedac-cpu: spec.serveConfigV2"
         ),
         (
             _break_serve(lambda s: s["grpc_options"].update(port=9100)),
-            f"{WHERE}: RayService sedac-cpu: "
-            "spec.rayClusterConfig.headGroupSpec.template.spec.containers[ray-head]"
-            ".ports: the Ray container of head needs a port named 'serve-grpc' = 9100 (the Serve "
-            "config's), has 9000",
+            f"{WHERE}: RayService sedac-cpu: spec.rayClusterConfig.headGroupSpec.template.spec"
+            ".containers[ray-head].ports: the Ray container of head needs a port named 'serve-grpc' = 9100 "
+            "(the Serve config's), has 9000",
         ),
         (
             _break_cluster("enableInTreeAutoscaling", False),
             f"{WHERE}: RayService sedac-cpu: spec.rayClusterConfig.enableInTreeAutoscaling must be true: "
             "Stage0, Stage1, Stage2, LMHead autoscale, and without Ray's autoscaler no pod is added for "
-            "their "
-            "new replicas",
+            "their new replicas",
         ),
         (
             _break_serve(
@@ -226,10 +224,9 @@ SERVE = f"{WHERE}: RayService sedac-cpu: spec.serveConfigV2"
                 lambda s: s["applications"][0]["deployments"][1]["autoscaling_config"].update(max_replicas=9)
             ),
             f"{WHERE}: RayService sedac-cpu: spec.rayClusterConfig.workerGroupSpecs: at their max_replicas "
-            "the "
-            "deployments ask 7.7 CPU, but the pods at their maxReplicas hold 6 (head: 1 x 0, cpu: 3 x 2); "
-            "raise "
-            "a worker group's maxReplicas or lower a deployment's max_replicas",
+            "the deployments ask 7.7 CPU, but the pods at their maxReplicas hold 6 "
+            "(head: 1 x 0, cpu: 3 x 2); raise a worker group's maxReplicas or lower a deployment's "
+            "max_replicas",
         ),
     ],
     ids=[
@@ -271,9 +268,9 @@ def test_validate_command_prints_problems_and_fails(tmp_path, capsys, crd_schema
     assert out == [
         f"{broken}: RayService sedac-cpu: spec.rayClusterConfig.workerGroupSpecs[cpu].minReplicas: "
         "'one' is not of type 'integer'",
-        f"{broken}: RayService sedac-cpu: spec.serveConfigV2: grpc_options.prot: unknown key (Ray would "
-        "ignore "
-        "it silently); known: enable_reflection, grpc_servicer_functions, port, request_timeout_s",
+        f"{broken}: RayService sedac-cpu: spec.serveConfigV2: grpc_options.prot: unknown key "
+        "(Ray would ignore it silently); did you mean 'port'? "
+        "known: enable_reflection, grpc_servicer_functions, port, request_timeout_s",
         f"ok: {MANIFESTS[0]}",
     ]
 

@@ -57,6 +57,7 @@ def _local_config() -> dict:
         (
             lambda c: c["grpc_options"].update(request_timeout=5),  # request_timeout_s misspelled
             "local.yaml: grpc_options.request_timeout: unknown key (Ray would ignore it silently); "
+            "did you mean 'request_timeout_s'? "
             "known: enable_reflection, grpc_servicer_functions, port, request_timeout_s",
         ),
         (

@@ -21,6 +21,7 @@ What is checked, and why by hand where Ray or Kubernetes would not say it:
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import importlib
 import math
@@ -98,8 +99,10 @@ def _unknown_keys(data: Any, model: type[BaseModel], parts: tuple) -> list[tuple
     fields = model.model_fields
     for key, value in data.items():
         if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             known = ", ".join(sorted(fields))
-            found.append(((*parts, key), f"unknown key (Ray would ignore it silently); known: {known}"))
+            found.append(((*parts, key), f"unknown key (Ray would ignore it silently); {hint}known: {known}"))
             continue
         for nested, in_list in _models_in(fields[key].annotation):
             if in_list and isinstance(value, list):
@@ -164,22 +167,25 @@ def serve_config_problems(config: Any, where: str) -> list[str]:
     problems += [
         _problem(where, parts, config, what) for parts, what in _unknown_keys(config, ServeDeploySchema, ())
     ]
-    grpc = config.get("grpc_options") or {}
-    for position, function in enumerate(grpc.get("grpc_servicer_functions") or []):
+    grpc = config.get("grpc_options") if isinstance(config.get("grpc_options"), dict) else {}
+    functions = grpc.get("grpc_servicer_functions")
+    for position, function in enumerate(functions if isinstance(functions, list) else []):
         failure = _import_problem(str(function))
         if failure:
             problems.append(
                 _problem(where, ("grpc_options", "grpc_servicer_functions", position), config, failure)
             )
-    for index, app in enumerate(config.get("applications") or []):
+    applications = config.get("applications")
+    for index, app in enumerate(applications if isinstance(applications, list) else []):
         if not isinstance(app, dict):
-            continue
+            continue  # Serve's schema has said what is wrong
         failure = _import_problem(str(app.get("import_path", "")))
         if failure:
             problems.append(_problem(where, ("applications", index, "import_path"), config, failure))
         elif app.get("import_path") == SEDAC_IMPORT_PATH:
             problems += _sedac_app_problems(app, index, where, config)
-        for position, deployment in enumerate(app.get("deployments") or []):
+        deployments = app.get("deployments")
+        for position, deployment in enumerate(deployments if isinstance(deployments, list) else []):
             autoscaling = deployment.get("autoscaling_config") if isinstance(deployment, dict) else None
             if not isinstance(autoscaling, dict):
                 continue
