@@ -1,6 +1,6 @@
 # Quick start: `make serve` serves the default model; `make test` runs the whole suite.
 # Both bootstrap .venv from scratch (CPU torch where no CUDA, the package, the default model).
-.PHONY: venv serve generate test lint bench
+.PHONY: venv serve generate test lint bench soak
 
 venv:
 	bash scripts/bootstrap.sh
@@ -17,3 +17,6 @@ test: venv
 
 bench: venv
 	.venv/bin/python benchmarks/engine_speed.py
+
+soak: venv
+	.venv/bin/python benchmarks/soak.py --duration 120
