@@ -96,6 +96,7 @@ SERVING_ARGS = {
     "kv_budget_mb": 32,
     "max_request_bytes": 64 * 1024,
     "step_timeout_s": 30,
+    "kv_lease_s": 20,  # orphans of the replica-kill test are reclaimed within the test
     "api_key_env": "SEDAC_TEST_API_KEY",
 }
 

@@ -29,6 +29,7 @@ class PipelineConfig:
     kv_budget_mb: float | None = 512.0  # KV cache per stage replica (None: unbounded)
     max_request_bytes: int = 1 << 20  # HTTP body or gRPC message
     request_timeout_s: float = 300.0  # whole request, prefill to last token
+    kv_lease_s: float = 120.0  # a stage frees a sequence that saw no traffic this long (orphaned)
     # Auth: a bearer key read from this environment variable; auth is off while it is unset.
     api_key_env: str = "SEDAC_API_KEY"
     require_api_key: bool = False  # refuse to start without the key
@@ -47,7 +48,7 @@ class PipelineConfig:
         for name in ("max_concurrent_requests", "max_request_bytes", "max_batch_size"):
             if getattr(config, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-        for name in ("request_timeout_s", "step_timeout_s", "kv_budget_mb"):
+        for name in ("request_timeout_s", "step_timeout_s", "kv_budget_mb", "kv_lease_s"):
             value = getattr(config, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")

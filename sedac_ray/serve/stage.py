@@ -54,11 +54,13 @@ class _Sequence:
     def __init__(self, slot: int, max_length: int):
         self.slot = slot
         self.max_length = max_length  # KV positions reserved for it
+        self.touched = time.monotonic()  # last prefill, step or fill
         self.filled = 0  # K/V present for every position < filled
         self._ahead: set[int] = set()  # positions written out of order
         self.changed = asyncio.Event()
 
     def wrote(self, position: int) -> None:
+        self.touched = time.monotonic()
         self._ahead.add(position)
         while self.filled in self._ahead:
             self._ahead.discard(self.filled)
@@ -91,6 +93,7 @@ class StageServer:
         self.kv_budget_bytes = None if budget is None else int(budget * 2**20)
         self.position_bytes = _kv_bytes_per_position(loaded.model.config, end - start, self.adapter.dtype)
         self.metrics = StageMetrics(stage_index)
+        self._sweeper: asyncio.Task | None = None
         logger.info(
             f"stage {stage_index}: layers {start + 1}..{end} on {self.config.device}, KV budget "
             f"{'unbounded' if budget is None else f'{budget:g} MiB'}"
@@ -109,6 +112,8 @@ class StageServer:
     async def _prefill(self, message: PrefillMessage) -> PrefillResult:
         async with self.compute_lock:  # admission may resize the cache: never under a running batch
             sequence = self._admit(message.seq_id, message.max_length)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._reclaim_orphans())
         if message.token_ids is not None:
             count = len(message.token_ids)
         else:
@@ -355,6 +360,19 @@ class StageServer:
             raise KeyError(
                 f"stage {self.stage_index} replica {self.replica_id} has no sequence {seq_id}"
             ) from None
+
+    async def _reclaim_orphans(self) -> None:
+        """Every sequence sees traffic each step (a row or a fill), so one that saw none for
+        ``kv_lease_s`` lost its front door: e.g. a replica upstream died mid-prefill, before the
+        front door learned where the sequence lives. Its KV is freed here."""
+        lease = self.config.kv_lease_s
+        while True:
+            await asyncio.sleep(lease / 4)
+            now = time.monotonic()
+            orphans = [seq_id for seq_id, s in self.sequences.items() if now - s.touched > lease]
+            if orphans:
+                logger.warning(f"stage {self.stage_index}: freeing KV of {len(orphans)} orphaned sequences")
+                await self.release(orphans)
 
     async def release(self, seq_ids: list[str]) -> int:
         """Free the KV of finished sequences; returns how many sequences this replica still holds."""
