@@ -43,7 +43,7 @@ def cmd_generate(args) -> int:
 
     policy = _policy(args)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    engine = Engine(loaded, policy)
+    engine = Engine(loaded, policy, speculative=args.speculative, draft_limit=args.draft_limit)
     result = engine.generate(
         args.prompt,
         max_new_tokens=args.max_new_tokens,
@@ -66,6 +66,7 @@ def cmd_generate(args) -> int:
                     "exit_layers": result.exit_layers,
                     "mean_layers": round(result.mean_layers, 3),
                     "finish_reason": result.finish_reason,
+                    **({"speculative": result.speculative.as_dict()} if result.speculative else {}),
                 }
             )
         )
@@ -78,6 +79,13 @@ def cmd_generate(args) -> int:
             f"finish: {result.finish_reason}]",
             file=sys.stderr,
         )
+        if result.speculative:  # every token was verified at full depth; the layers are the drafts'
+            stats = result.speculative
+            print(
+                f"[speculative: {stats.drafts} drafts, {stats.accepted} accepted, {stats.rolled_back} rolled "
+                f"back, {stats.tokens_per_verification:.2f} tokens per verification]",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -120,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--stop", action="append", help="stop string (repeatable)")
     generate.add_argument("--json", action="store_true", help="print one JSON object")
+    generate.add_argument(
+        "--speculative",
+        action="store_true",
+        help="lossless mode: exited tokens are drafts, verified at full depth (output = --no-exit's)",
+    )
+    generate.add_argument(
+        "--draft-limit", type=int, default=4, help="with --speculative: drafts per verification (default 4)"
+    )
     _add_model_args(generate)
     _add_policy_args(generate)
     generate.set_defaults(func=cmd_generate)

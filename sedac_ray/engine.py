@@ -19,6 +19,7 @@ from sedac_ray.model.loading import LoadedModel
 from sedac_ray.policy import DEFAULT_POLICY, ExitPolicy
 from sedac_ray.runtime.layer_range import LayerRange, TokenRows
 from sedac_ray.sampling import SamplingParams, choose_tokens
+from sedac_ray.speculative import DEFAULT_DRAFT_LIMIT, SpeculativeDecoder, SpeculativeStats, check_draft_limit
 
 Prompt = str | Sequence[dict]
 
@@ -31,6 +32,9 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_token_ids: list[int] = field(default_factory=list)
     num_layers: int = 0
+    # Speculative mode only: acceptance statistics. There every token is verified at full depth;
+    # exit_layers then holds the draft's exit layer for an accepted draft, L for a verified token.
+    speculative: SpeculativeStats | None = None
 
     @property
     def mean_layers(self) -> float:
@@ -40,9 +44,21 @@ class GenerationResult:
 class Engine:
     """``Engine(model, policy=None)``: ``model`` is a :class:`LoadedModel` from :func:`load_model`.
     Without a policy it uses :data:`DEFAULT_POLICY` (tau=0.99, K=3), which keeps quality close to
-    the full model; pass ``ExitPolicy.disabled()`` for plain full-depth decoding."""
+    the full model; pass ``ExitPolicy.disabled()`` for plain full-depth decoding.
 
-    def __init__(self, model: LoadedModel, policy: ExitPolicy | None = None):
+    ``speculative=True`` makes early exit lossless (:mod:`sedac_ray.speculative`): exited tokens
+    are drafts, verified at full depth in batches of up to ``draft_limit`` per sequence, so the
+    output equals full-depth decoding token for token."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        policy: ExitPolicy | None = None,
+        speculative: bool = False,
+        draft_limit: int = DEFAULT_DRAFT_LIMIT,
+    ):
+        self.speculative = bool(speculative)
+        self.draft_limit = check_draft_limit(draft_limit)
         self.loaded = model
         self.tokenizer = model.tokenizer
         self.adapter = ModelAdapter(model.model)
@@ -93,9 +109,11 @@ class Engine:
         chat: bool = False,
         policy: ExitPolicy | None = None,
         ignore_eos: bool = False,
+        speculative: bool | None = None,
     ) -> list[GenerationResult]:
         """Generate for a batch of prompts (strings, or message lists with ``chat=True``).
-        ``ignore_eos`` keeps generating past EOS (for benchmarks that need a fixed length)."""
+        ``ignore_eos`` keeps generating past EOS (for benchmarks that need a fixed length);
+        ``speculative`` overrides the engine's mode for this call."""
         if isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]
         if not prompts:
@@ -107,7 +125,7 @@ class Engine:
         stop = [s for s in (stop or []) if s]
         prompt_ids = [self.encode(p, chat) for p in prompts]
         self._check_lengths(prompt_ids, max_new_tokens)
-        return self.generate_ids(prompt_ids, max_new_tokens, params, stop, policy, ignore_eos)
+        return self.generate_ids(prompt_ids, max_new_tokens, params, stop, policy, ignore_eos, speculative)
 
     def generate_ids(
         self,
@@ -117,6 +135,7 @@ class Engine:
         stop: list[str],
         policy: ExitPolicy,
         ignore_eos: bool = False,
+        speculative: bool | None = None,
     ) -> list[GenerationResult]:
         adapter = self.adapter
         device = adapter.device
@@ -139,6 +158,11 @@ class Engine:
 
         positions = lengths.clone()
         rules = policy.rules(batch)
+        stats: list[SpeculativeStats | None] = [None] * batch
+        if self.speculative if speculative is None else speculative:
+            # Decodes every sequence to its end; the plain loop below then finds nothing to do.
+            decoder = SpeculativeDecoder(layers, self.draft_limit)
+            stats = decoder.run(completions, slots, positions, params, rules)
         while active := [i for i, c in enumerate(completions) if not c.finished]:
             index = torch.tensor(active)
             inputs = torch.tensor([completions[i].token_ids[-1] for i in active], device=device)
@@ -165,6 +189,7 @@ class Engine:
                 finish_reason=c.finish_reason,
                 prompt_token_ids=ids,
                 num_layers=self.num_layers,
+                speculative=s,
             )
-            for c, ids in zip(completions, prompt_ids, strict=True)
+            for c, ids, s in zip(completions, prompt_ids, stats, strict=True)
         ]

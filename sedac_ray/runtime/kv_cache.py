@@ -53,6 +53,7 @@ class SlotKVCache:
                 raise ValueError(f"slot {slot} is not allocated")
             self._free.append(slot)
 
+    @torch.inference_mode()
     def truncate(self, slot: int, length: int) -> None:
         """Forget positions ``>= length`` of ``slot`` in every layer (a speculative rollback): they
         become zeros again, exactly as if nothing had been written there."""

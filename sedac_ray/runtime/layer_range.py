@@ -210,6 +210,36 @@ class LayerRange:
             fill=fill if fill is not None and not self.is_last else empty,
         )
 
+    @torch.inference_mode()
+    def verify(self, rows: TokenRows, entry_layers: torch.Tensor) -> TokenRows:
+        """Run every row to the end of the range at full depth (no exits), each from its own entry
+        layer: row ``i``'s ``hidden`` is the output of layer ``entry_layers[i]`` (1-based, in
+        ``start..end``), and it runs layers ``entry_layers[i] + 1 .. end``, overwriting its K/V
+        there. Returns the rows with ``hidden`` = the output of layer ``end``.
+
+        This is the speculative verification pass. Several rows may belong to one sequence
+        (consecutive positions, a chunk of drafts): at each layer every running row writes its
+        K/V before any row attends, so a row sees the rows before it in its sequence as in a
+        prefill. The caller guarantees that at each layer a row runs, every earlier position of
+        its sequence that is not running there already holds exact K/V at that layer."""
+        entry_layers = entry_layers.to(torch.long)
+        if bool(((entry_layers < self.start) | (entry_layers > self.end)).any()):
+            raise ValueError(f"entry layers must be in {self.start}..{self.end}, got {entry_layers.tolist()}")
+        hidden = rows.hidden.clone()
+        running, context = None, None
+        for index in range(self.start, self.end):
+            active = (entry_layers <= index).nonzero()[:, 0]  # grows with depth: rows only join
+            if not len(active):
+                continue
+            if running is None or len(active) != len(running):
+                running = active.to(hidden.device)
+                joined = rows.select(active)
+                context = _CallContext(
+                    self.adapter, self.cache, joined.slots, joined.positions.unsqueeze(1), joined.hidden
+                )
+            hidden[running] = context.run(index, hidden[running].unsqueeze(1))[:, 0]
+        return replace(rows, hidden=hidden)
+
     def _context(self, rows: TokenRows) -> _CallContext:
         return _CallContext(self.adapter, self.cache, rows.slots, rows.positions.unsqueeze(1), rows.hidden)
 

@@ -1,0 +1,181 @@
+"""Speculative mode: lossless against HF greedy and full-depth sampling, with drafts that are really
+accepted and rolled back; rollback leaves K/V as if the rejected tokens never existed."""
+
+import json
+
+import pytest
+import torch
+
+from sedac_ray import Engine, ExitPolicy
+from sedac_ray.cli import main as cli_main
+from sedac_ray.completion import Completion
+from sedac_ray.model.adapter import ModelAdapter
+from sedac_ray.runtime.kv_cache import SlotKVCache
+from sedac_ray.runtime.layer_range import LayerRange, TokenRows
+from sedac_ray.sampling import SamplingParams
+from sedac_ray.speculative import SpeculativeDecoder, SpeculativeStats
+from tests.conftest import CHAT_PROMPTS, PLAIN_PROMPTS, hf_greedy
+
+MAX_NEW = 20
+DRAFTING = ExitPolicy(0.97, k=3)  # exits often, and its early drafts are mostly wrong on SmolLM2
+
+
+@pytest.fixture(scope="module")
+def adapter(smollm2):
+    return ModelAdapter(smollm2.model)
+
+
+def total(results) -> SpeculativeStats:
+    return sum((r.speculative for r in results), SpeculativeStats())
+
+
+def test_speculative_equals_hf_greedy_with_drafts_accepted_and_rolled_back(smollm2):
+    engine = Engine(smollm2, DRAFTING, speculative=True, draft_limit=3)
+    chat = engine.generate(CHAT_PROMPTS, max_new_tokens=MAX_NEW, chat=True)
+    plain = engine.generate(PLAIN_PROMPTS, max_new_tokens=MAX_NEW)
+    for result in chat + plain:
+        assert result.token_ids == hf_greedy(smollm2.model, result.prompt_token_ids, MAX_NEW)
+    stats = total(chat + plain)
+    assert stats.accepted > 0 and stats.rollbacks > 0  # exits were taken, kept and rolled back
+    assert stats.drafts == stats.accepted + stats.rolled_back
+    assert stats.verifications >= stats.rollbacks
+    tokens = sum(len(r.token_ids) for r in chat + plain)
+    # The first token of each sequence comes from prefill; every other one is direct or verified.
+    assert tokens == len(chat + plain) + stats.direct + stats.verified_tokens
+    assert any(layer < 30 for r in chat + plain for layer in r.exit_layers)  # accepted drafts
+
+
+def test_speculative_sampling_equals_full_depth_with_the_same_seed(smollm2):
+    kwargs = dict(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=7, chat=True)
+    full = Engine(smollm2, ExitPolicy.disabled()).generate(CHAT_PROMPTS[:2], **kwargs)
+    spec = Engine(smollm2, DRAFTING, speculative=True).generate(CHAT_PROMPTS[:2], **kwargs)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in full]
+    assert total(spec).rollbacks > 0
+
+
+def test_plain_and_disabled_modes_carry_no_statistics(smollm2):
+    engine = Engine(smollm2, ExitPolicy.disabled(), speculative=True)
+    result = engine.generate(CHAT_PROMPTS[0], max_new_tokens=4, chat=True)[0]
+    assert result.speculative.drafts == 0 and result.speculative.direct == len(result.token_ids) - 1
+    assert (
+        engine.generate(CHAT_PROMPTS[0], max_new_tokens=2, chat=True, speculative=False)[0].speculative
+        is None
+    )
+    with pytest.raises(ValueError, match="draft_limit must be"):
+        Engine(smollm2, speculative=True, draft_limit=0)
+
+
+def prefill(adapter, layers: LayerRange, ids: list[int]) -> tuple[int, int]:
+    """Prefill ``ids`` into a fresh slot of ``layers``; returns the slot and the greedy next token."""
+    (slot,) = layers.cache.allocate(1)
+    with torch.inference_mode():
+        hidden = layers.prefill(
+            torch.tensor([slot]),
+            torch.arange(len(ids)).unsqueeze(0),
+            adapter.embed_tokens(torch.tensor([ids])),
+        )
+        return slot, int(adapter.logits(hidden[0, -1]).argmax())
+
+
+def assert_kv_as_if_prefilled(adapter, cache: SlotKVCache, slot: int, ids: list[int]) -> None:
+    """Every layer's K/V of ``slot`` equal a full-depth prefill of ``ids`` (fp32 tolerance: the
+    shapes of the calls differ), and every later position holds exactly zeros, as in a slot that
+    never saw more than ``ids``."""
+    reference = LayerRange(adapter, 0, adapter.num_layers)
+    ref_slot, _ = prefill(adapter, reference, ids)
+    for layer in range(adapter.num_layers):
+        for ours, theirs in zip(
+            cache.read(layer, slot, len(ids)), reference.cache.read(layer, ref_slot, len(ids)), strict=True
+        ):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+        keys, values = cache._keys[layer][slot, :, len(ids) :], cache._values[layer][slot, :, len(ids) :]
+        assert torch.equal(keys, torch.zeros_like(keys)) and torch.equal(values, torch.zeros_like(values))
+
+
+def test_rollback_leaves_kv_as_if_the_rejected_tokens_never_existed(adapter, smollm2):
+    """One chunk by hand with the pieces a pipeline stage would call: three draft rows exit at
+    layers 20, 12 and 16 (so they enter verification at layers 20, 12 and 12), the third input is
+    wrong; verification recomputes the approximate deeper K/V, and truncation drops the wrong row."""
+    prompt = smollm2.tokenizer("The quick brown fox jumps over the")["input_ids"]
+    truth = hf_greedy(smollm2.model, prompt, 3)
+    whole = LayerRange(adapter, 0, 30)
+    slot, _ = prefill(adapter, whole, prompt)
+    cut = [LayerRange(adapter, 0, 12, cache=whole.cache), LayerRange(adapter, 12, 30, cache=whole.cache)]
+    wrong = truth[2] + 1
+    entries, hidden = [], []
+    for step, (token, exit_at) in enumerate(zip([truth[0], truth[1], wrong], [20, 12, 16], strict=True)):
+        policy = ExitPolicy(1e-6, k=1, min_layer=exit_at)  # exits right after layer exit_at
+        with torch.inference_mode():
+            rows = TokenRows(
+                ids=torch.tensor([0]),
+                slots=torch.tensor([slot]),
+                positions=torch.tensor([len(prompt) + step]),
+                hidden=adapter.embed_tokens(torch.tensor([token])),
+                rules=policy.rules(1),
+            )
+        if step < 2:
+            out = whole.decode(rows)
+            entries.append(exit_at)
+            hidden.append(out.exited.hidden[0])
+        else:  # its output is exact only up to layer 12 (the second row's exit): keep it there
+            first = cut[0].decode(rows)
+            assert first.exited.ids.numel() == 0
+            out = cut[1].decode(first.continuing, first.fill)
+            entries.append(12)
+            hidden.append(first.continuing.hidden[0])
+        assert out.exited.exit_layer.tolist() == [exit_at]
+    chunk = TokenRows(
+        ids=torch.arange(3),
+        slots=torch.tensor([slot] * 3),
+        positions=torch.arange(3) + len(prompt),
+        hidden=torch.stack(hidden),
+        rules=ExitPolicy.disabled().rules(3),
+    )
+    with torch.inference_mode():
+        verified = adapter.logits(whole.verify(chunk, torch.tensor(entries)).hidden).argmax(-1).tolist()
+    assert verified[:2] == truth[1:3]  # rows 0 and 1 had correct inputs: full-depth predictions
+    whole.cache.truncate(slot, len(prompt) + 2)  # the third input (`wrong`) is rejected
+    assert_kv_as_if_prefilled(adapter, whole.cache, slot, prompt + truth[:2])
+
+
+def test_engine_loop_leaves_kv_of_committed_tokens_only(adapter, smollm2):
+    """The whole speculative loop, with drafts that are nearly always wrong (every token exits at
+    layer 8): afterwards the slot's K/V is a full-depth prefill of what was committed."""
+    prompt = smollm2.tokenizer("Paris is the capital of")["input_ids"]
+    whole = LayerRange(adapter, 0, 30)
+    slot, first = prefill(adapter, whole, prompt)
+    completion = Completion(smollm2.tokenizer, max_tokens=10, eos_ids=set())
+    completion.add(first, 30)
+    policy = ExitPolicy(1e-6, k=1, min_layer=8)
+    (stats,) = SpeculativeDecoder(whole, draft_limit=3).run(
+        [completion], torch.tensor([slot]), torch.tensor([len(prompt)]), SamplingParams(), policy.rules(1)
+    )
+    assert stats.rollbacks > 0
+    assert completion.token_ids == hf_greedy(smollm2.model, prompt, 10)
+    assert_kv_as_if_prefilled(adapter, whole.cache, slot, prompt + completion.token_ids[:-1])
+
+
+def test_kv_truncate_zeroes_the_tail_and_checks_the_slot():
+    cache = SlotKVCache(initial_capacity=4)
+    slots = cache.allocate(2)
+    ones = torch.ones(2, 1, 4, 2)
+    cache.view(slots, torch.arange(4).expand(2, 4)).update(ones, ones, layer_idx=0)
+    cache.truncate(1, 2)
+    keys, values = cache.read(0, 1, 4)
+    assert keys[:, :2].eq(1).all() and keys[:, 2:].eq(0).all() and values[:, 2:].eq(0).all()
+    assert cache.read(0, 0, 4)[0].eq(1).all()  # other slots untouched
+    cache.free([0])
+    with pytest.raises(ValueError, match="not allocated"):
+        cache.truncate(0, 1)
+
+
+def test_cli_speculative_json_reports_statistics(smollm2, capsys):
+    code = cli_main(
+        ["generate", "--prompt", "Name a color.", "--chat", "--speculative", "--tau", "0.97", "--json"]
+        + ["--max-new-tokens", "8", "--draft-limit", "2"]
+    )
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == hf_greedy(smollm2.model, out["prompt_token_ids"], 8)
+    assert out["speculative"]["drafts"] == out["speculative"]["accepted"] + out["speculative"]["rolled_back"]
+    assert {"tokens_per_verification", "acceptance_rate", "verifications"} <= set(out["speculative"])
