@@ -101,6 +101,7 @@ def as_serve_error(error: BaseException) -> ServeError:
         return Unavailable(f"a pipeline replica failed ({type(cause).__name__}); retry the request")
     if isinstance(cause, asyncio.TimeoutError):
         return Unavailable("a pipeline stage did not answer in time; retry the request")
+    logger.error(f"internal error while serving a request: {cause!r}")
     return ServeError("internal error")
 
 

@@ -166,52 +166,63 @@ class StageServer:
 
     async def step(self, message: StepMessage) -> dict[str, TokenResult | ServeError]:
         """Results for ``message.rows``: the token each of them ends up producing, or the error
-        that stopped that row alone (a failed replica downstream fails only the rows routed there)."""
+        that stopped that row alone (a sequence released meanwhile, a failed replica downstream);
+        the other rows of the message carry on."""
         # Fills go in at once and never wait: a message's decode rows may wait for fills that
         # travel in other messages, and those may wait for this message's fills.
         fills = None
         if len(message.fill):
             fills = asyncio.ensure_future(self.batcher.submit(StepMessage(Rows.empty(), message.fill)))
+        results: dict[str, TokenResult | ServeError] = {}
         pending: dict[str, asyncio.Future] = {}
         if len(message.rows):
-            await self._wait_for_kv(message.rows)
-            pending = await self.batcher.submit(StepMessage(message.rows))
+            rows, lost = await self._wait_for_kv(message.rows)
+            results.update(lost)
+            if len(rows):
+                pending = await self.batcher.submit(StepMessage(rows))
         if fills is not None:
             await fills
         calls = list({id(f): f for f in pending.values()}.values())
         answers = dict(zip(map(id, calls), await asyncio.gather(*calls, return_exceptions=True), strict=True))
-        results: dict[str, TokenResult | ServeError] = {}
         for seq_id, call in pending.items():
             answer = answers[id(call)]
-            if isinstance(answer, BaseException):
-                results[seq_id] = as_serve_error(answer)
-            else:
-                results[seq_id] = answer[seq_id]
-        return results
+            results[seq_id] = as_serve_error(answer) if isinstance(answer, BaseException) else answer[seq_id]
+        return {seq_id: results[seq_id] for seq_id in message.rows.seq_ids}
 
-    async def _wait_for_kv(self, rows: Rows) -> None:
+    async def _wait_for_kv(self, rows: Rows) -> tuple[Rows, dict[str, ServeError]]:
+        """Waits until this replica holds K/V for every position below each row's own. Returns the
+        rows that may run, and an error for each row that cannot (its sequence is gone here, or
+        its K/V stopped arriving)."""
+        lost: dict[str, ServeError] = {}
         for seq_id, position in zip(rows.seq_ids, rows.positions.tolist(), strict=True):
-            sequence = self._known(seq_id)
-            while sequence.filled < position:
+            while (sequence := self.sequences.get(seq_id)) is not None and sequence.filled < position:
                 sequence.changed.clear()
                 try:
                     await asyncio.wait_for(sequence.changed.wait(), self.config.step_timeout_s)
                 except asyncio.TimeoutError:  # an alias of TimeoutError from 3.11 on
-                    raise RuntimeError(
+                    lost[seq_id] = Unavailable(
                         f"stage {self.stage_index}: K/V of sequence {seq_id} stopped at position "
                         f"{sequence.filled}; position {position} cannot run"
-                    ) from None
+                    )
+                    break
+            if sequence is None:
+                lost[seq_id] = self._gone(seq_id)
+        return rows.take([i for i, s in enumerate(rows.seq_ids) if s not in lost]), lost
+
+    def _gone(self, seq_id: str) -> Unavailable:
+        return Unavailable(
+            f"stage {self.stage_index} replica {self.replica_id} no longer holds sequence {seq_id}"
+        )
 
     async def step_batch(self, messages: list[StepMessage]) -> list[dict[str, asyncio.Future]]:
         """Runs the merged batch; for each message, the downstream call that answers each row."""
-        # A sequence released while its messages were in flight (it finished, or its client left)
-        # is skipped: its late fills are dropped, its late steps fail alone, not the whole batch.
-        gone = {id(m) for m in messages if any(s not in self.sequences for s in m.rows.seq_ids)}
-        live = [m for m in messages if id(m) not in gone]
-        rows = Rows.concat([m.rows for m in live])
-        fill = Rows.concat([m.fill for m in messages])
-        fill = fill.take([i for i, s in enumerate(fill.seq_ids) if s in self.sequences])
         async with self.compute_lock:
+            # Rows and fills of sequences released while in flight (finished, or the client left)
+            # are dropped here, under the lock that release takes: each such row fails alone.
+            rows = Rows.concat([m.rows for m in messages])
+            rows = rows.take([i for i, s in enumerate(rows.seq_ids) if s in self.sequences])
+            fill = Rows.concat([m.fill for m in messages])
+            fill = fill.take([i for i, s in enumerate(fill.seq_ids) if s in self.sequences])
             started = time.perf_counter()
             out = await asyncio.to_thread(self._compute, rows, fill)
             self.compute_s += time.perf_counter() - started
@@ -229,19 +240,10 @@ class StageServer:
             futures.update(dict.fromkeys(exited.seq_ids, head_call))
         if self.next_stage is not None:
             futures.update(self._send_downstream(continuing, fill_out))
-        return [
-            self._released(m) if id(m) in gone else {s: futures[s] for s in m.rows.seq_ids} for m in messages
-        ]
-
-    def _released(self, message: StepMessage) -> dict[str, asyncio.Future]:
-        future = asyncio.get_running_loop().create_future()
-        missing = [s for s in message.rows.seq_ids if s not in self.sequences]
-        future.set_exception(
-            Unavailable(
-                f"stage {self.stage_index} replica {self.replica_id} no longer holds sequences {missing}"
-            )
-        )
-        return dict.fromkeys(message.rows.seq_ids, future)
+        for seq_id in (s for m in messages for s in m.rows.seq_ids if s not in futures):
+            futures[seq_id] = asyncio.get_running_loop().create_future()
+            futures[seq_id].set_exception(self._gone(seq_id))
+        return [{s: futures[s] for s in m.rows.seq_ids} for m in messages]
 
     def _compute(self, rows: Rows, fill: Rows) -> tuple[Rows, Rows, Rows]:
         """Run this stage's layers; returns (exit group, continue group, fill group) as Rows."""
@@ -353,14 +355,6 @@ class StageServer:
     def _report_kv(self) -> None:
         self.metrics.kv(len(self.sequences), self.layers.cache.nbytes(), self.kv_budget_bytes)
 
-    def _known(self, seq_id: str) -> _Sequence:
-        try:
-            return self.sequences[seq_id]
-        except KeyError:
-            raise KeyError(
-                f"stage {self.stage_index} replica {self.replica_id} has no sequence {seq_id}"
-            ) from None
-
     async def _reclaim_orphans(self) -> None:
         """Every sequence sees traffic each step (a row or a fill), so one that saw none for
         ``kv_lease_s`` lost its front door: e.g. a replica upstream died mid-prefill, before the
@@ -381,6 +375,7 @@ class StageServer:
                 sequence = self.sequences.pop(seq_id, None)
                 if sequence is not None:
                     self.layers.cache.free([sequence.slot])
+                    sequence.changed.set()  # rows waiting for its K/V see that it is gone
             if not self.sequences:  # idle: give the KV memory back
                 self.layers.cache.shrink(0)
         self._report_kv()
