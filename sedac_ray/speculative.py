@@ -29,6 +29,7 @@ full-depth tokens from an exact prefix), so the output equals full-depth decodin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,6 +40,9 @@ from sedac_ray.runtime.layer_range import LayerRange, TokenRows
 from sedac_ray.sampling import SamplingParams, choose_tokens
 
 DEFAULT_DRAFT_LIMIT = 4
+
+# (hidden [n, D] at the exit, exit layers [n]) -> logits [n, vocab]: how exited tokens are read out.
+DraftLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def check_draft_limit(draft_limit: int) -> int:
@@ -117,15 +121,23 @@ class _Sequence:
 
 class SpeculativeDecoder:
     """Decodes prefilled sequences speculatively over ``layers`` (a whole-model range whose cache
-    holds their prompts' K/V)."""
+    holds their prompts' K/V). ``draft_logits`` reads out drafts (default: final norm and LM head;
+    the engine passes its own exit read-out, e.g. with exit adapters); verified tokens always come
+    from the model's own head at full depth."""
 
-    def __init__(self, layers: LayerRange, draft_limit: int = DEFAULT_DRAFT_LIMIT):
+    def __init__(
+        self,
+        layers: LayerRange,
+        draft_limit: int = DEFAULT_DRAFT_LIMIT,
+        draft_logits: DraftLogits | None = None,
+    ):
         if layers.start != 0 or not layers.is_last:
             raise ValueError("speculative decoding needs a LayerRange over the whole model")
         self.layers = layers
         self.adapter = layers.adapter
         self.num_layers = self.adapter.num_layers
         self.draft_limit = check_draft_limit(draft_limit)
+        self.draft_logits = draft_logits or (lambda hidden, _layers: self.adapter.logits(hidden))
         self._ranges: dict[tuple[int, int], LayerRange] = {}
 
     @torch.inference_mode()
@@ -169,7 +181,8 @@ class SpeculativeDecoder:
         capture = [s.capture_layer for s in sequences]
         exited, captured = self._decode_keeping(rows, capture)
         positions = exited.positions.tolist()
-        tokens = choose_tokens(adapter.logits(exited.hidden), [self.params] * len(positions), positions)
+        logits = self.draft_logits(exited.hidden, exited.exit_layer)
+        tokens = choose_tokens(logits, [self.params] * len(positions), positions)
         for j, (row, layer, token) in enumerate(
             zip(exited.ids.tolist(), exited.exit_layer.tolist(), tokens, strict=True)
         ):
