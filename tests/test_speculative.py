@@ -138,6 +138,33 @@ def test_rollback_leaves_kv_as_if_the_rejected_tokens_never_existed(adapter, smo
     assert_kv_as_if_prefilled(adapter, whole.cache, slot, prompt + truth[:2])
 
 
+def test_stage_step_drafts_then_verifies_without_fills(adapter, smollm2):
+    """What a speculative pipeline stage does: rows exit by the rule without K/V propagation, run
+    on to the end of the stage with verify() from their exit layer, and the next stage verifies
+    from its first layer: the full-depth token, and exact K/V in every layer."""
+    prompt = smollm2.tokenizer("Paris is the capital of")["input_ids"]
+    whole = LayerRange(adapter, 0, 30)
+    slot, first = prefill(adapter, whole, prompt)
+    stages = [LayerRange(adapter, 0, 12, cache=whole.cache), LayerRange(adapter, 12, 30, cache=whole.cache)]
+    policy = ExitPolicy(1e-6, k=1, min_layer=8)
+    with torch.inference_mode():
+        rows = TokenRows(
+            ids=torch.tensor([0]),
+            slots=torch.tensor([slot]),
+            positions=torch.tensor([len(prompt)]),
+            hidden=adapter.embed_tokens(torch.tensor([first])),
+            rules=policy.rules(1),
+        )
+    out = stages[0].decode(rows, propagate=False)
+    assert out.exited.exit_layer.tolist() == [8] and len(out.fill) == 0
+    draft = stages[0].verify(out.exited, out.exited.exit_layer)
+    full = stages[1].verify(draft, torch.tensor([12]))
+    with torch.inference_mode():
+        token = int(adapter.logits(full.hidden[0]).argmax())
+    assert [first, token] == hf_greedy(smollm2.model, prompt, 2)
+    assert_kv_as_if_prefilled(adapter, whole.cache, slot, prompt + [first])
+
+
 def test_engine_loop_leaves_kv_of_committed_tokens_only(adapter, smollm2):
     """The whole speculative loop, with drafts that are nearly always wrong (every token exits at
     layer 8): afterwards the slot's K/V is a full-depth prefill of what was committed."""

@@ -162,9 +162,11 @@ class LayerRange:
         return hidden
 
     @torch.inference_mode()
-    def decode(self, rows: TokenRows, fill: TokenRows | None = None) -> RangeOutput:
+    def decode(self, rows: TokenRows, fill: TokenRows | None = None, propagate: bool = True) -> RangeOutput:
         """One decode step for ``rows`` (one token each, each with its own exit rule), plus K/V
-        propagation for ``fill`` rows that exited in an earlier range."""
+        propagation for ``fill`` rows that exited in an earlier range. ``propagate=False`` gives
+        rows that exit here no K/V in this range's deeper layers: a speculative stage runs them on
+        with :meth:`verify` instead (from their exit layer)."""
         num_layers = self.adapter.num_layers
         adapter = self.adapter
         rows = replace(rows)  # the policy state is updated in place below; leave the caller's alone
@@ -191,8 +193,9 @@ class LayerRange:
                     done = replace(rows.select(gone), hidden=out[gone.to(out.device), 0])
                     done.exit_layer = torch.full((len(gone),), layer, dtype=torch.long)
                     exited.append(done)
-                    fill = TokenRows.concat([fill, done]) if fill is not None else done
-                    fill_context = self._fill_context(fill)
+                    if propagate:
+                        fill = TokenRows.concat([fill, done]) if fill is not None else done
+                        fill_context = self._fill_context(fill)
                     rows = rows.select(keep)
                     out = out[keep.to(out.device)]
                     context = self._context(rows) if len(rows) else None
