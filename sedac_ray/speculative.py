@@ -3,9 +3,11 @@
 **Draft.** Each step runs every active sequence's newest token with the exit rule, exactly as
 plain early exit does (an exited token's deeper K/V comes from state propagation, so the next
 draft can attend to it); the token chosen from the exit layer's logits is a *draft*, and it is
-the next step's input. A sequence drafts until it holds ``draft_limit`` unverified drafts, or a
-draft ran full depth (the exit rule found nothing stable: verifying now wastes least), or a draft
-would end the completion (EOS, the token limit).
+the next step's input. A sequence drafts until it holds as many unverified drafts as its current
+limit, or a draft ran full depth (the exit rule found nothing stable: verifying now wastes least),
+or a draft would end the completion (EOS, the token limit). The limit adapts to how well the
+drafts do: after each verification it is one more than the drafts just accepted in a row, at most
+``draft_limit`` (so wrong drafts cost one draft step each, and runs of right ones grow the chunk).
 
 **Exactness.** The K/V below a sequence's first unverified position are exact (full depth, from
 committed tokens). Draft row ``i`` of a chunk attended, at layers deeper than an earlier draft's
@@ -103,6 +105,7 @@ class _Sequence:
         self.slot = slot
         self.position = position  # position of the next committed input; K/V exact below it
         self.drafts: list[_Draft] = []
+        self.limit = 1  # drafts per verification now; adapts up to the decoder's draft_limit
         self.stats = SpeculativeStats()
 
     @property
@@ -229,7 +232,7 @@ class SpeculativeDecoder:
             return False
         last, completion = sequence.drafts[-1], sequence.completion
         return (
-            len(sequence.drafts) >= self.draft_limit
+            len(sequence.drafts) >= sequence.limit
             or last.exit_layer == self.num_layers
             or last.token in completion.eos_ids
             or len(completion.token_ids) + len(sequence.drafts) >= completion.max_tokens
@@ -258,20 +261,22 @@ class SpeculativeDecoder:
         differs, and truncate the sequence's K/V back to what was committed."""
         stats, completion = sequence.stats, sequence.completion
         stats.verifications += 1
-        committed = 0
+        committed = accepted = 0
         for i, (draft, token) in enumerate(zip(sequence.drafts, verified, strict=True)):
             if completion.finished:  # a stop string ended it: later drafts are not needed
                 stats.rolled_back += len(sequence.drafts) - i
                 break
             committed += 1
             if token == draft.token:
-                stats.accepted += 1
+                accepted += 1
                 completion.add(token, draft.exit_layer)
             else:
                 stats.rollbacks += 1
                 stats.rolled_back += len(sequence.drafts) - i
                 completion.add(token, self.num_layers)
                 break
+        stats.accepted += accepted
+        sequence.limit = min(self.draft_limit, accepted + 1)
         sequence.position += committed
         sequence.drafts = []
         self.layers.cache.truncate(sequence.slot, sequence.position)
