@@ -1,0 +1,497 @@
+"""A discrete-event simulation of the serving pipeline: no exit, early exit, speculative.
+
+The pipeline is a front door, ``stages`` servers that each run a contiguous slice of the layers,
+and an LM-head server. Each server takes everything queued for it as one batch when it is free
+(load-adaptive batching, as the stages do). A batch's compute time comes from :class:`Costs`:
+per layer, the rows that run it plus the rows that only get their K/V filled; the head's cost
+depends on its rows. Every message between servers takes ``hop_ms``; all rows going from one
+server to the next in one batch travel as one message.
+
+Devices: each server runs on a device. ``shared_slots=None`` gives every stage and the head a
+device of its own (one GPU each); ``shared_slots=n`` puts them all on one machine that runs at
+most ``n`` computations at once (a CPU box with ``n`` cores, one thread per replica). There a
+message between processes is work for those cores too (serialisation, the RPC stack, the event
+loops): ``hop_cpu_share`` of each hop holds a core, so hops slow down when the cores are busy; and
+each token a client receives costs ``token_cpu_ms`` there (front door and HTTP proxy: detokenising,
+streaming), which takes a core but does not hold up the next step.
+
+Per sequence, at every stage, rows run in position order (the stages' K/V watermark).
+
+Modes, for one token at position ``p`` that exits after layer ``e_p`` (drawn from the workload's
+exit layers; ``L`` means it never exits):
+
+* ``no_exit``: every row runs every layer; the front door issues ``p + 1`` when ``p``'s token
+  comes back from the head.
+* ``early_exit`` (token-group separation): the row leaves after the stage holding layer ``e_p``
+  for the head; deeper stages only fill its K/V. The front door issues ``p + 1`` on its token.
+  Lossy: the token is the exit layer's.
+* ``speculative`` (lossless): the exited row is a *draft*; it goes to the head, and the front door
+  issues ``p + 1`` on the draft while the row keeps running every deeper layer as a full row
+  (verification). When the full-depth token comes back, the draft is accepted with probability
+  ``acceptance``; otherwise the front door rolls back: every later position of the sequence in
+  flight is dropped (wasted work) and the verified token is issued instead. At most
+  ``draft_limit`` positions with unverified inputs are in flight per sequence. Tokens count once
+  verified, so time per token is what a client streaming verified tokens sees.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+MODES = ("no_exit", "early_exit", "speculative")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Time of one operation on a batch: ``one_row_ms`` for one row, ``extra_row_ms`` per further
+    row; or, where ``samples`` (measured ``(rows, ms)``, ascending) are given, interpolated
+    between them and extended past the last one by ``extra_row_ms`` per row."""
+
+    one_row_ms: float
+    extra_row_ms: float = 0.0
+    samples: tuple[tuple[int, float], ...] = ()
+
+    def __call__(self, rows: int) -> float:
+        if rows <= 0:
+            return 0.0
+        if not self.samples:
+            return self.one_row_ms + self.extra_row_ms * (rows - 1)
+        if rows <= self.samples[0][0]:
+            return self.samples[0][1]
+        for (low, low_ms), (high, high_ms) in itertools.pairwise(self.samples):
+            if rows <= high:
+                return low_ms + (high_ms - low_ms) * (rows - low) / (high - low)
+        last, last_ms = self.samples[-1]
+        return last_ms + self.extra_row_ms * (rows - last)
+
+
+@dataclass(frozen=True)
+class Costs:
+    layer: Cost  # one decoder layer
+    head: Cost  # final norm, LM head and sampling
+    fill: Cost  # the K/V fill of exited rows in one layer (state propagation)
+    hop_ms: float  # latency of one message between servers
+    hop_cpu_share: float = 0.0  # on a shared machine: the part of a hop that is CPU work there
+    token_cpu_ms: float = 0.0  # on a shared machine: work per delivered token beside the steps
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    num_layers: int
+    stages: int
+    costs: Costs
+    shared_slots: int | None = None  # None: a device per server; n: one machine running n at once
+    draft_limit: int = 4
+    max_batch: int = 256
+    # The front door sends each step at once (None), or merges steps into one stage-0 message
+    # with at most this many messages in flight, each until all its rows have come back.
+    front_door_in_flight: int | None = None
+    fused_head: bool = False  # the single-process engine: one stage whose step includes the head
+
+    def __post_init__(self) -> None:
+        if self.fused_head and self.stages != 1:
+            raise ValueError("fused_head models the single-process engine: it needs stages=1")
+
+    def boundaries(self) -> list[tuple[int, int]]:
+        """1-based inclusive layer spans of the stages, as even as possible."""
+        cuts = [round(i * self.num_layers / self.stages) for i in range(self.stages + 1)]
+        return [(cuts[i] + 1, cuts[i + 1]) for i in range(self.stages)]
+
+
+@dataclass(frozen=True)
+class Workload:
+    concurrency: int  # sequences decoding at once (closed loop: each waits for its own tokens)
+    tokens: int  # decode tokens per sequence (prefill is not simulated)
+    exit_layers: Sequence[int] = ()  # drawn with replacement per token; empty: nothing exits
+    acceptance: float = 1.0  # speculative: probability that an early draft is the full-depth token
+    stagger_ms: float = 0.0  # sequence i starts at i * stagger_ms / concurrency (0: all at once)
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    mode: str
+    tpot_ms: float  # mean over sequences of (time from its start to its last token / tokens)
+    tokens_per_s: float  # all tokens / time until the last sequence finishes
+    mean_stage_batch_rows: list[float]
+    rows_computed: int  # stage rows (all modes), fills excluded
+    rows_wasted: int  # speculative: stage rows computed for positions that were rolled back
+    drafts_verified: int  # speculative: drafts whose full-depth token came back
+    accepted: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Row:
+    seq: int
+    position: int
+    epoch: int
+    exit_layer: int
+    role: str  # stages: "decode", "fill", "verify"; head: "token", "draft", "verify"
+
+
+@dataclass
+class _Sequence:
+    index: int
+    epoch: int = 0
+    issued: int = 0  # next position to issue
+    next_verified: int = 0  # speculative: first position whose full-depth token has not come back
+    pending_draft: int | None = None  # a draft that waits for the draft limit
+    committed: int = 0
+    started_ms: float = 0.0
+    finished_ms: float | None = None
+    exits: dict[int, tuple[int, bool]] = field(default_factory=dict)  # position -> (exit, accepted)
+
+
+class _Server:
+    def __init__(self, name: str, span: tuple[int, int] | None):
+        self.name = name
+        self.span = span  # None for the head
+        self.queue: list[_Row] = []
+        self.busy = False
+        self.waiting_for_device = False
+        self.batches: list[int] = []
+
+
+class _Device:
+    def __init__(self, slots: int):
+        self.free = slots
+        self.waiting: list[Callable[[], None]] = []
+
+
+class Simulation:
+    def __init__(self, pipeline: Pipeline, workload: Workload, mode: str):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0.0 <= workload.acceptance <= 1.0:
+            raise ValueError(f"acceptance must be in [0, 1], got {workload.acceptance}")
+        self.pipeline, self.workload, self.mode = pipeline, workload, mode
+        self.costs = pipeline.costs
+        self.num_layers = pipeline.num_layers
+        self.random = random.Random(workload.seed)
+        self.exit_layers = [min(int(e), self.num_layers) for e in workload.exit_layers]
+        if mode == "no_exit" or not self.exit_layers:
+            self.exit_layers = [self.num_layers]
+        self.now = 0.0
+        self._events: list = []
+        self._order = itertools.count()
+        self.stages = [_Server(f"stage{i}", span) for i, span in enumerate(pipeline.boundaries())]
+        self.head = _Server("head", None)
+        shared = _Device(pipeline.shared_slots) if pipeline.shared_slots else None
+        self.devices = {s.name: shared or _Device(1) for s in [*self.stages, self.head]}
+        self.shared = shared
+        self.watermark: dict[tuple[int, int], int] = defaultdict(int)  # (stage, seq) -> next position
+        self.sequences = [_Sequence(i) for i in range(workload.concurrency)]
+        self.rows_computed = self.drafts_verified = self.accepted = 0
+        self._fd_queue: list[_Row] = []
+        self._fd_free = pipeline.front_door_in_flight
+        self._fd_batches: dict[int, set[tuple[int, int, int]]] = {}  # message -> rows not back yet
+        self._fd_held: dict[int, list[_Row]] = {}  # message -> its results back so far
+        self._fd_batch_of: dict[tuple[int, int, int], int] = {}
+        self._fd_messages = itertools.count()
+
+    # ---- the event loop ---------------------------------------------------------------------
+
+    def at(self, delay: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (self.now + delay, next(self._order), action))
+
+    def run(self) -> Result:
+        for sequence in self.sequences:
+            sequence.started_ms = sequence.index * self.workload.stagger_ms / len(self.sequences)
+            self.at(sequence.started_ms, lambda s=sequence: self._issue(s, 0))
+        while self._events:
+            self.now, _, action = heapq.heappop(self._events)
+            action()
+        if any(s.finished_ms is None for s in self.sequences):
+            raise RuntimeError("simulation ended with unfinished sequences")
+        tokens, count = self.workload.tokens, len(self.sequences)
+        useful = tokens * count * len(self.stages)  # every committed position passes every stage
+        return Result(
+            mode=self.mode,
+            tpot_ms=statistics.fmean((s.finished_ms - s.started_ms) / tokens for s in self.sequences),
+            tokens_per_s=1000 * tokens * count / max(s.finished_ms for s in self.sequences),
+            mean_stage_batch_rows=[statistics.fmean(s.batches) if s.batches else 0.0 for s in self.stages],
+            rows_computed=self.rows_computed,
+            rows_wasted=self.rows_computed - useful if self.mode == "speculative" else 0,
+            drafts_verified=self.drafts_verified,
+            accepted=self.accepted,
+        )
+
+    # ---- messages and devices ---------------------------------------------------------------
+
+    def _send(self, rows: list[_Row], server: _Server | None) -> None:
+        """One message: after ``hop_ms`` the rows reach ``server`` (None: the front door)."""
+
+        def arrive() -> None:
+            if server is None:
+                self._front_door(rows)
+            else:
+                server.queue.extend(rows)
+                # After every arrival of this instant: a batch takes all rows that arrive together.
+                self.at(0.0, lambda: self._try_start(server))
+
+        if self.pipeline.fused_head:
+            self.at(0.0, arrive)
+            return
+        hop, share = self.costs.hop_ms, self.costs.hop_cpu_share
+        if self.shared is None or share <= 0:
+            self.at(hop, arrive)
+            return
+        shared = self.shared
+
+        def sent() -> None:  # the CPU part is done: the rest is waiting
+            self._release(shared)
+            self.at(hop * (1 - share), arrive)
+
+        self._acquire(shared, lambda: self.at(hop * share, sent))
+
+    @staticmethod
+    def _acquire(device: _Device, start: Callable[[], None]) -> None:
+        if device.free > 0:
+            device.free -= 1
+            start()
+        else:
+            device.waiting.append(start)
+
+    @staticmethod
+    def _release(device: _Device) -> None:
+        if device.waiting:
+            device.waiting.pop(0)()  # the slot passes straight to the next in line
+        else:
+            device.free += 1
+
+    # ---- servers ----------------------------------------------------------------------------
+
+    def _try_start(self, server: _Server) -> None:
+        if server.busy or server.waiting_for_device or not server.queue:
+            return
+        server.waiting_for_device = True
+        self._acquire(self.devices[server.name], lambda: self._start(server))
+
+    def _start(self, server: _Server) -> None:
+        """The server holds a device slot: it takes what is queued now as one batch."""
+        server.waiting_for_device = False
+        device = self.devices[server.name]
+        batch = self._take_batch(server)
+        if not batch:
+            self._release(device)
+            return
+        server.busy = True
+
+        def done() -> None:
+            server.busy = False
+            self._release(device)
+            self._finish_batch(server, batch)
+            self._try_start(server)
+
+        self.at(self._compute_ms(server, batch), done)
+
+    def _take_batch(self, server: _Server) -> list[_Row]:
+        live = [r for r in server.queue if r.epoch == self.sequences[r.seq].epoch]
+        if server.span is None:
+            server.queue = live[self.pipeline.max_batch :]
+            return live[: self.pipeline.max_batch]
+        # Stages run a sequence's rows in position order (the K/V watermark).
+        stage = self.stages.index(server)
+        live.sort(key=lambda r: (r.seq, r.position))
+        batch, rest = [], []
+        for row in live:
+            key = (stage, row.seq)
+            if row.position == self.watermark[key] and len(batch) < self.pipeline.max_batch:
+                batch.append(row)
+                self.watermark[key] += 1
+            else:
+                rest.append(row)
+        server.queue = rest
+        return batch
+
+    def _compute_ms(self, server: _Server, batch: list[_Row]) -> float:
+        costs = self.costs
+        if server.span is None:
+            return costs.head(len(batch))
+        first, last = server.span
+        # The engine reads every row's token in the same step (rows leaving the range).
+        total = costs.head(sum(r.role != "fill" for r in batch)) if self.pipeline.fused_head else 0.0
+        for layer in range(first, last + 1):
+            full = sum(self._runs(row, layer) for row in batch)
+            total += costs.layer(full) + costs.fill(len(batch) - full)
+        server.batches.append(sum(r.role != "fill" for r in batch))
+        self.rows_computed += sum(r.role != "fill" for r in batch)
+        return total
+
+    def _runs(self, row: _Row, layer: int) -> bool:
+        """Whether ``row`` computes ``layer`` in full (else its K/V is only filled there)."""
+        if row.role == "fill":
+            return False
+        return self.mode == "speculative" or row.role == "verify" or layer <= row.exit_layer
+
+    def _finish_batch(self, server: _Server, batch: list[_Row]) -> None:
+        live = [r for r in batch if r.epoch == self.sequences[r.seq].epoch]
+        if server.span is None:
+            if live:
+                self._send(live, None)
+            return
+        stage = self.stages.index(server)
+        last = server.span[1]
+        is_last = stage == len(self.stages) - 1
+        onward, to_head = [], []
+        for row in live:
+            exits_here = row.role == "decode" and row.exit_layer <= last
+            if self.mode == "speculative":
+                if exits_here and row.exit_layer < self.num_layers and not is_last:
+                    to_head.append(_Row(row.seq, row.position, row.epoch, row.exit_layer, "draft"))
+                    row.role = "verify"
+                if is_last:  # full depth: the verified token (or a token that never exited)
+                    to_head.append(_Row(row.seq, row.position, row.epoch, row.exit_layer, "verify"))
+                else:
+                    onward.append(row)
+            elif exits_here:
+                to_head.append(_Row(row.seq, row.position, row.epoch, row.exit_layer, "token"))
+                if not is_last:
+                    onward.append(_Row(row.seq, row.position, row.epoch, row.exit_layer, "fill"))
+            elif not is_last:
+                onward.append(row)
+        if to_head:
+            self._send(to_head, None if self.pipeline.fused_head else self.head)
+        if onward:
+            self._send(onward, self.stages[stage + 1])
+
+    # ---- the front door ---------------------------------------------------------------------
+
+    def _issue(self, sequence: _Sequence, position: int) -> None:
+        exit_layer = self.random.choice(self.exit_layers)
+        drafted = exit_layer < self.num_layers
+        accepted = not drafted or self.random.random() < self.workload.acceptance
+        sequence.exits[position] = (exit_layer, accepted)
+        sequence.issued = position + 1
+        row = _Row(sequence.index, position, sequence.epoch, exit_layer, "decode")
+        if self._fd_free is None:
+            self._send([row], self.stages[0])
+        else:
+            self._fd_queue.append(row)
+            self._fd_flush()
+
+    def _fd_flush(self) -> None:
+        """Merge the queued steps into one stage-0 message while a message slot is free."""
+        while self._fd_free and self._fd_queue:
+            live = [r for r in self._fd_queue if r.epoch == self.sequences[r.seq].epoch]
+            batch, self._fd_queue = live[: self.pipeline.max_batch], live[self.pipeline.max_batch :]
+            if not batch:
+                return
+            self._fd_free -= 1
+            message = next(self._fd_messages)
+            self._fd_batches[message] = {(r.seq, r.position, r.epoch) for r in batch}
+            self._fd_held[message] = []
+            for key in self._fd_batches[message]:
+                self._fd_batch_of[key] = message
+            self._send(batch, self.stages[0])
+
+    def _fd_collect(self, rows: list[_Row]) -> list[_Row]:
+        """With merged step messages, a message is one call: its results come back together, when
+        its last row is back (so an early exit waits for the deepest row of its message)."""
+        if self._fd_free is None:
+            return rows
+        ready = []
+        for row in rows:
+            key = (row.seq, row.position, row.epoch)
+            message = self._fd_batch_of.pop(key, None)
+            if message is None:  # not the first result of its row (a verification after a draft)
+                ready.append(row)
+                continue
+            self._fd_held[message].append(row)
+            ready += self._fd_settle(message, key)
+        return ready
+
+    def _fd_settle(self, message: int, key: tuple[int, int, int]) -> list[_Row]:
+        """One row of ``message`` is back (or dropped); once all are, its slot frees and its
+        results are handed over."""
+        waiting = self._fd_batches[message]
+        waiting.discard(key)
+        if waiting:
+            return []
+        del self._fd_batches[message]
+        self._fd_free += 1
+        self.at(0.0, self._fd_flush)  # the next message forms after this instant's results
+        return self._fd_held.pop(message)
+
+    def _drop_in_flight(self, sequence: _Sequence) -> None:
+        """A rollback or the end: rows of the sequence still in flight are dropped."""
+        old = sequence.epoch
+        sequence.epoch += 1
+        if self._fd_free is None:
+            return
+        for key in [k for k in self._fd_batch_of if k[0] == sequence.index and k[2] == old]:
+            released = self._fd_settle(self._fd_batch_of.pop(key), key)
+            if released:
+                self.at(0.0, lambda rows=released: self._front_door(rows))
+
+    def _front_door(self, rows: list[_Row]) -> None:
+        rows = self._fd_collect(rows)
+        # Verified tokens first: a draft that arrives with its own verification is already settled.
+        for row in sorted(rows, key=lambda r: (r.role != "verify", r.seq, r.position)):
+            sequence = self.sequences[row.seq]
+            if row.epoch != sequence.epoch or sequence.finished_ms is not None:
+                continue
+            if row.role == "token":
+                self._commit(sequence)
+                if sequence.finished_ms is None:
+                    self._issue(sequence, row.position + 1)
+            elif row.role == "draft":
+                self._on_draft(sequence, row.position)
+            else:
+                self._on_verified(sequence, row.position)
+
+    def _on_draft(self, sequence: _Sequence, position: int) -> None:
+        if position < sequence.next_verified or sequence.issued != position + 1:
+            return  # already verified, or not the newest position
+        if position + 1 - sequence.next_verified <= self.pipeline.draft_limit:
+            self._issue(sequence, position + 1)
+        else:
+            sequence.pending_draft = position
+
+    def _on_verified(self, sequence: _Sequence, position: int) -> None:
+        exit_layer, accepted = sequence.exits.pop(position)
+        sequence.next_verified = position + 1
+        self._commit(sequence)
+        if exit_layer < self.num_layers:
+            self.drafts_verified += 1
+            self.accepted += accepted
+        if sequence.finished_ms is not None:
+            self._drop_in_flight(sequence)  # rows still in flight are wasted
+            return
+        if not accepted:  # roll back: drop every later position, issue the verified token
+            self._drop_in_flight(sequence)
+            sequence.pending_draft = None
+            sequence.exits = {}
+            for stage in range(len(self.stages)):
+                key = (stage, sequence.index)
+                self.watermark[key] = min(self.watermark[key], position + 1)
+            self._issue(sequence, position + 1)
+        elif sequence.issued == position + 1:  # its draft had not let the next position start
+            sequence.pending_draft = None
+            self._issue(sequence, position + 1)
+        elif sequence.pending_draft is not None:
+            pending = sequence.pending_draft
+            if pending + 1 - sequence.next_verified <= self.pipeline.draft_limit:
+                sequence.pending_draft = None
+                self._issue(sequence, pending + 1)
+
+    def _commit(self, sequence: _Sequence) -> None:
+        if self.shared is not None and self.costs.token_cpu_ms > 0:
+            shared = self.shared
+            self._acquire(shared, lambda: self.at(self.costs.token_cpu_ms, lambda: self._release(shared)))
+        sequence.committed += 1
+        if sequence.committed >= self.workload.tokens:
+            sequence.finished_ms = self.now
+
+
+def simulate(pipeline: Pipeline, workload: Workload, mode: str) -> Result:
+    return Simulation(pipeline, workload, mode).run()
