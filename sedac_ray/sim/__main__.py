@@ -13,7 +13,7 @@ from pathlib import Path
 from sedac_ray.sim.calibration import TOLERANCE, figures
 from sedac_ray.sim.scenarios import SCENARIOS, assumed_exit_layers, predict
 
-ACCEPTANCE = (0.5, 0.7, 0.9)
+ACCEPTANCE = (0.0, 0.5, 0.7, 0.9)
 CONCURRENCY = (1, 16)
 
 
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per sequence")
+    parser.add_argument("--hop-ms", type=float, help="override the scenarios' assumed hop time")
     parser.add_argument("--out", help="write the figures and predictions as JSON")
     args = parser.parse_args(argv)
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         exits = assumed_exit_layers(scenario.num_layers)
         print(
             f"{scenario.name}: layer {scenario.layer.one_row_ms} ms, head {scenario.head.one_row_ms} ms, "
-            f"fill {scenario.fill.one_row_ms} ms, hop {scenario.hop_ms} ms, "
+            f"fill {scenario.fill.one_row_ms} ms, hop {args.hop_ms or scenario.hop_ms} ms, "
             f"draft limit {scenario.draft_limit}; "
             f"mean exit layer {sum(exits) / len(exits):.1f} of {scenario.num_layers} (assumed)"
         )
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for concurrency in CONCURRENCY:
             for acceptance in ACCEPTANCE:
-                result = predict(scenario, concurrency, acceptance, args.tokens)
+                result = predict(scenario, concurrency, acceptance, args.tokens, hop_ms=args.hop_ms)
                 tpot = [result[m]["tpot_ms"] for m in ("no_exit", "early_exit", "speculative")]
                 rate = [result[m]["tokens_per_s"] for m in ("no_exit", "early_exit", "speculative")]
                 print(
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             "fitted": {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in fitted.items()},
             "scenarios": [asdict(s) for s in SCENARIOS],
             "tokens": args.tokens,
+            "hop_ms_override": args.hop_ms,
             "predictions": predictions,
         }
         Path(args.out).write_text(json.dumps(report, indent=2))
