@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from sedac_ray.calibration.cli import add_calibration_parsers
 from sedac_ray.deploy.cli import add_k8s_parser
 from sedac_ray.model.loading import ACCEPTED_SPECS, DEFAULT_MODEL
 
@@ -19,7 +20,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_policy_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("exit policy (default: tau=0.99, K=3)")
+    group = parser.add_argument_group(
+        "exit policy (default: the model's calibration file if there is one, else tau=0.99, K=3; "
+        "flags override its fields)"
+    )
     group.add_argument("--tau", type=float, help="stability threshold in (0, 1]")
     group.add_argument("--k", type=int, help="consecutive stable layers needed to exit (default 3)")
     group.add_argument("--min-layer", type=int, help="never exit before this layer (1..L)")
@@ -27,23 +31,53 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
         "--window", type=int, help="sliding-window rule: exit when K of the last N layers are stable"
     )
     group.add_argument("--no-exit", action="store_true", help="disable early exit (full-depth decoding)")
+    group.add_argument(
+        "--adapters",
+        action="store_true",
+        help="apply the exit adapters named in the model's calibration file (and its adapter policy)",
+    )
 
 
-def _policy(args):
+def _policy(args, base):
+    return base.with_overrides(
+        tau=args.tau, k=args.k, min_layer=args.min_layer, window=args.window, disable=args.no_exit
+    )
+
+
+def _calibrated(args, loaded):
+    """The base policy (calibrated when the model has a file), where it comes from, and the exit
+    adapters to apply (``--adapters``)."""
+    from sedac_ray.calibration.store import calibrated_default
     from sedac_ray.policy import DEFAULT_POLICY
 
-    return DEFAULT_POLICY.with_overrides(
-        tau=args.tau, k=args.k, min_layer=args.min_layer, window=args.window, disable=args.no_exit
+    calibration, source = calibrated_default(loaded.name, loaded.num_layers)
+    if not args.adapters:
+        return (calibration.policy if calibration else DEFAULT_POLICY), source, None
+    if calibration is None or calibration.adapters_path is None:
+        raise ValueError(
+            f"--adapters needs a calibration file with exit adapters for {loaded.name} "
+            "(run: sedac calibrate --adapters)"
+        )
+    return (
+        calibration.adapter_policy,
+        f"{source}, with adapters {calibration.adapters_path}",
+        calibration.adapters_path,
     )
 
 
 def cmd_generate(args) -> int:
     from sedac_ray.engine import Engine
     from sedac_ray.model.loading import load_model
+    from sedac_ray.policy import DEFAULT_POLICY
 
-    policy = _policy(args)
+    _policy(args, DEFAULT_POLICY)  # bad flags fail before the model loads
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    engine = Engine(loaded, policy, speculative=args.speculative, draft_limit=args.draft_limit)
+    base, source, adapters = _calibrated(args, loaded)
+    policy = _policy(args, base)
+    print(f"[sedac] exit policy {policy.describe()} (base: {source})", file=sys.stderr)
+    engine = Engine(
+        loaded, policy, speculative=args.speculative, draft_limit=args.draft_limit, adapters=adapters
+    )
     result = engine.generate(
         args.prompt,
         max_new_tokens=args.max_new_tokens,
@@ -145,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     add_k8s_parser(commands)  # sedac k8s render | validate
+    add_calibration_parsers(commands, _add_model_args)  # sedac calibrate, sedac bench quality
     return parser
 
 

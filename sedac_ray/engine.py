@@ -8,20 +8,25 @@ Finished sequences leave the batch.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from sedac_ray.calibration.store import default_policy
 from sedac_ray.completion import Completion, eos_token_ids
+from sedac_ray.exit_adapters import ExitAdapters, exit_logits
 from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.model.loading import LoadedModel
-from sedac_ray.policy import DEFAULT_POLICY, ExitPolicy
+from sedac_ray.policy import ExitPolicy
 from sedac_ray.runtime.layer_range import LayerRange, TokenRows
 from sedac_ray.sampling import SamplingParams, choose_tokens
 from sedac_ray.speculative import DEFAULT_DRAFT_LIMIT, SpeculativeDecoder, SpeculativeStats, check_draft_limit
 
 Prompt = str | Sequence[dict]
+log = logging.getLogger("sedac_ray.engine")
 
 
 @dataclass
@@ -42,9 +47,12 @@ class GenerationResult:
 
 
 class Engine:
-    """``Engine(model, policy=None)``: ``model`` is a :class:`LoadedModel` from :func:`load_model`.
-    Without a policy it uses :data:`DEFAULT_POLICY` (tau=0.99, K=3), which keeps quality close to
-    the full model; pass ``ExitPolicy.disabled()`` for plain full-depth decoding.
+    """``Engine(model, policy=None, adapters=None)``: ``model`` is a :class:`LoadedModel` from
+    :func:`load_model`. Without a policy it uses the model's calibrated policy when a calibration
+    file exists (``sedac calibrate``; :mod:`sedac_ray.calibration.store`), else
+    :data:`~sedac_ray.policy.DEFAULT_POLICY` (tau=0.99, K=3); ``policy_source`` says which. Pass
+    ``ExitPolicy.disabled()`` for plain full-depth decoding. ``adapters`` (an :class:`ExitAdapters`
+    or its file) maps the hidden state of every token that exits before layer L before the head.
 
     ``speculative=True`` makes early exit lossless (:mod:`sedac_ray.speculative`): exited tokens
     are drafts, verified at full depth in batches of up to ``draft_limit`` per sequence, so the
@@ -56,6 +64,7 @@ class Engine:
         policy: ExitPolicy | None = None,
         speculative: bool = False,
         draft_limit: int = DEFAULT_DRAFT_LIMIT,
+        adapters: ExitAdapters | str | os.PathLike | None = None,
     ):
         self.speculative = bool(speculative)
         self.draft_limit = check_draft_limit(draft_limit)
@@ -63,10 +72,27 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.adapter = ModelAdapter(model.model)
         self.num_layers = self.adapter.num_layers
-        self.policy = (policy or DEFAULT_POLICY).validate_for(self.num_layers)
+        if policy is None:
+            policy, self.policy_source = default_policy(model.name, self.num_layers)
+        else:
+            self.policy_source = "given"
+        self.policy = policy.validate_for(self.num_layers)
+        if adapters is not None and not isinstance(adapters, ExitAdapters):
+            adapters = ExitAdapters.load(adapters)
+        if adapters is not None and adapters.num_layers != self.num_layers:
+            raise ValueError(
+                f"exit adapters are for {adapters.num_layers} layers; the model has {self.num_layers}"
+            )
+        self.exit_adapters = adapters.to(self.adapter.device) if adapters is not None else None
+        log.info("exit policy %s (%s)", self.policy.describe(), self.policy_source)
         self.eos_ids = eos_token_ids(
             [getattr(model.model, "generation_config", None), model.model.config], model.tokenizer
         )
+
+    def exit_logits(self, hidden: torch.Tensor, exit_layers: torch.Tensor) -> torch.Tensor:
+        """Logits of decode tokens that left the model after ``exit_layers`` layers (exit adapters
+        included, when the engine has them)."""
+        return exit_logits(self.adapter, hidden, exit_layers, self.exit_adapters)
 
     # ---- input handling -----------------------------------------------------------------
 
@@ -161,7 +187,7 @@ class Engine:
         stats: list[SpeculativeStats | None] = [None] * batch
         if self.speculative if speculative is None else speculative:
             # Decodes every sequence to its end; the plain loop below then finds nothing to do.
-            decoder = SpeculativeDecoder(layers, self.draft_limit)
+            decoder = SpeculativeDecoder(layers, self.draft_limit, draft_logits=self.exit_logits)
             stats = decoder.run(completions, slots, positions, params, rules)
         while active := [i for i, c in enumerate(completions) if not c.finished]:
             index = torch.tensor(active)
@@ -176,7 +202,9 @@ class Engine:
             exited = layers.decode(rows).exited
             rows_out = exited.ids.tolist()
             tokens = choose_tokens(
-                adapter.logits(exited.hidden), [params] * len(rows_out), positions[exited.ids].tolist()
+                self.exit_logits(exited.hidden, exited.exit_layer),
+                [params] * len(rows_out),
+                positions[exited.ids].tolist(),
             )
             positions[index] += 1
             for row, token, layer in zip(rows_out, tokens, exited.exit_layer.tolist(), strict=True):

@@ -102,16 +102,22 @@ class ExitPolicy:
     def exit_layers(self, stabilities: torch.Tensor) -> torch.Tensor:
         """Exit layer (1..L) of each token from its stabilities ``[tokens, L]`` (column ``l-1`` holds
         ``s_l``; column 0 is ignored). Used by analysis tools on recorded stabilities."""
-        tokens, num_layers = stabilities.shape
-        rules = self.rules(tokens)
-        exit_at = torch.full((tokens,), num_layers, dtype=torch.long)
-        state = torch.zeros(tokens, dtype=torch.long)
-        decided = torch.zeros(tokens, dtype=torch.bool)
-        for layer in range(2, num_layers + 1):
-            state, exits = decide(layer, stabilities[:, layer - 1].cpu(), state, rules)
-            exit_at[exits & ~decided] = layer
-            decided |= exits
-        return exit_at
+        return exit_layers(stabilities, self.rules(stabilities.shape[0]))
+
+
+def exit_layers(stabilities: torch.Tensor, rules: torch.Tensor) -> torch.Tensor:
+    """Exit layer (1..L) of each row from its stabilities ``[rows, L]`` under its own rule
+    (``rules[rows, RULE_WIDTH]``): :func:`decide` applied layer by layer, exactly as the runtime
+    does. Calibration sweeps many policies at once by stacking (policy, token) pairs as rows."""
+    rows, num_layers = stabilities.shape
+    exit_at = torch.full((rows,), num_layers, dtype=torch.long)
+    state = torch.zeros(rows, dtype=torch.long)
+    decided = torch.zeros(rows, dtype=torch.bool)
+    for layer in range(2, num_layers + 1):
+        state, exits = decide(layer, stabilities[:, layer - 1].cpu(), state, rules)
+        exit_at[exits & ~decided] = layer
+        decided |= exits
+    return exit_at
 
 
 RULE_WIDTH = 4

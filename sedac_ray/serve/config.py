@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, fields
 
+from sedac_ray.calibration.store import default_policy as calibrated_policy
+from sedac_ray.calibration.store import model_name_for_spec
 from sedac_ray.model.loading import DEFAULT_MODEL
 from sedac_ray.policy import DEFAULT_POLICY, ExitPolicy
 
@@ -77,4 +80,9 @@ class PipelineConfig:
         unknown = sorted(set(self.exit) - allowed)
         if unknown:
             raise ValueError(f"unknown exit settings {unknown}; allowed: {sorted(allowed)}")
-        return DEFAULT_POLICY.with_overrides(**self.exit)
+        if self.exit:
+            return DEFAULT_POLICY.with_overrides(**self.exit)
+        # No `exit:` in the app: the model's calibration file (`sedac calibrate`) decides, if it has one.
+        policy, source = calibrated_policy(model_name_for_spec(self.model))
+        logging.getLogger("ray.serve").info(f"default exit policy {policy.describe()}, from {source}")
+        return policy

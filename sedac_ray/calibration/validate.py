@@ -1,0 +1,134 @@
+"""Check a policy with the real runtime, teacher-forced, on the positions the traces judge.
+
+Each prompt is prefilled, then fed the full model's own continuation one token per decode step
+through :class:`LayerRange` (the engine's runtime: token-group separation, state propagation of
+exited tokens' K/V). At every step the exit path's token (its exit layer's logits through
+:func:`exit_logits`, greedy) is compared with the full model's next token. Unlike the offline
+traces, the deeper-layer K/V of earlier tokens that exited come from state propagation here,
+so this is the number to trust; feeding the reference tokens keeps both on the same prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from sedac_ray.exit_adapters import ExitAdapters, exit_logits
+from sedac_ray.model.adapter import ModelAdapter
+from sedac_ray.policy import ExitPolicy
+from sedac_ray.runtime.layer_range import LayerRange, TokenRows
+
+
+@dataclass
+class TeacherForcedResult:
+    tokens: int  # decode tokens judged
+    agreement: float  # share equal to the full model's greedy token
+    mean_layers: float
+    layers_saved: float
+    exit_layers: list[int]
+    matches: list[bool]
+
+    @classmethod
+    def from_tokens(cls, matches: list[bool], exit_layers: list[int], num_layers: int) -> TeacherForcedResult:
+        tokens = len(matches)
+        mean_layers = sum(exit_layers) / tokens if tokens else float(num_layers)
+        return cls(
+            tokens=tokens,
+            agreement=sum(matches) / tokens if tokens else 1.0,
+            mean_layers=mean_layers,
+            layers_saved=1.0 - mean_layers / num_layers,
+            exit_layers=exit_layers,
+            matches=matches,
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "agreement": self.agreement,
+            "mean_layers": self.mean_layers,
+            "layers_saved": self.layers_saved,
+        }
+
+
+@torch.inference_mode()
+def teacher_forced(
+    adapter: ModelAdapter,
+    prompt_ids: list[list[int]],
+    continuations: list[list[int]],
+    policy: ExitPolicy,
+    exit_adapters: ExitAdapters | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> TeacherForcedResult:
+    num_layers = adapter.num_layers
+    device = adapter.device
+    matches: list[bool] = []
+    exit_layers: list[int] = []
+    starts = range(0, len(prompt_ids), batch_size)
+    for start in tqdm(
+        starts,
+        desc=f"engine, teacher-forced ({policy.describe()})",
+        unit="batch",
+        leave=False,
+        disable=not progress,
+    ):
+        prompts = prompt_ids[start : start + batch_size]
+        targets = continuations[start : start + batch_size]
+        layers = LayerRange(adapter, 0, num_layers)
+        slots = torch.tensor(layers.cache.allocate(len(prompts)))
+        lengths = torch.tensor([len(ids) for ids in prompts])
+        width = int(lengths.max())
+        padded = torch.tensor([ids + [ids[-1]] * (width - len(ids)) for ids in prompts], device=device)
+        layers.prefill(slots, torch.arange(width).expand(len(prompts), width), adapter.embed_tokens(padded))
+        rules = policy.rules(len(prompts))
+        for step in range(max(len(c) for c in targets) - 1):
+            index = torch.tensor([i for i, c in enumerate(targets) if step + 1 < len(c)])
+            inputs = torch.tensor([targets[i][step] for i in index.tolist()], device=device)
+            rows = TokenRows(
+                ids=index,
+                slots=slots[index],
+                positions=lengths[index] + step,
+                hidden=adapter.embed_tokens(inputs),
+                rules=rules[index],
+            )
+            exited = layers.decode(rows).exited
+            chosen = (
+                exit_logits(adapter, exited.hidden, exited.exit_layer, exit_adapters).argmax(dim=-1).tolist()
+            )
+            for row, token, layer in zip(
+                exited.ids.tolist(), chosen, exited.exit_layer.tolist(), strict=True
+            ):
+                matches.append(token == targets[row][step + 1])
+                exit_layers.append(layer)
+    return TeacherForcedResult.from_tokens(matches, exit_layers, num_layers)
+
+
+def teacher_forced_cross_fitted(
+    adapter: ModelAdapter,
+    prompt_ids: list[list[int]],
+    continuations: list[list[int]],
+    policy: ExitPolicy,
+    fold_adapters: list[ExitAdapters],
+    batch_size: int = 16,
+    progress: bool = True,
+) -> TeacherForcedResult:
+    """:func:`teacher_forced` where prompt ``i`` is read through ``fold_adapters[i % folds]``,
+    adapters fitted without it (see :func:`~.adapter_fit.cross_fitted_readout`)."""
+    folds = len(fold_adapters)
+    matches: list[bool] = []
+    exit_layers: list[int] = []
+    for fold, adapters in enumerate(fold_adapters):
+        part = teacher_forced(
+            adapter,
+            prompt_ids[fold::folds],
+            continuations[fold::folds],
+            policy,
+            adapters,
+            batch_size,
+            progress,
+        )
+        matches += part.matches
+        exit_layers += part.exit_layers
+    return TeacherForcedResult.from_tokens(matches, exit_layers, adapter.num_layers)

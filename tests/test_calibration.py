@@ -1,0 +1,263 @@
+"""Calibration: the sweep applies the runtime's own rule, the pick is the sweep table's best, the
+comparison policies behave as defined, and calibration files become the engine's and server's
+default policy."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sedac_ray import Engine, ExitPolicy
+from sedac_ray.calibration.calibrate import Checked, calibrate, choose, write
+from sedac_ray.calibration.policies import (
+    checkpoint_exits,
+    confidence_exits,
+    oracle_frontier,
+    stability_exits,
+    stable_oracle_exits,
+    v6_checkpoints,
+)
+from sedac_ray.calibration.prompts import load_prompts
+from sedac_ray.calibration.store import (
+    BUILTIN_SOURCE,
+    default_policy,
+    load_calibration,
+    model_name_for_spec,
+    packaged_calibration_dir,
+)
+from sedac_ray.calibration.sweep import CALM, ORACLE, V6, V7, WINDOW, SweepGrid, build_settings, sweep
+from sedac_ray.calibration.traces import Readout, Traces, record_traces
+from sedac_ray.calibration.validate import TeacherForcedResult
+from sedac_ray.cli import main
+from sedac_ray.policy import DEFAULT_POLICY
+from sedac_ray.serve.config import PipelineConfig
+
+SMALL_GRID = SweepGrid(
+    taus=[0.9, 0.95, 0.97, 0.98, 0.99],
+    ks=[1, 2, 3],
+    min_layers=[1, 20],
+    windows=[(2, 3)],
+    window_min_layers=[1],
+    v6_quantiles=[0.0, 0.1, 0.3, 0.6],
+    calm_thresholds=[0.5, 0.9, 0.99],
+    calm_min_layers=[1, 20],
+)
+
+
+def synthetic_traces(tokens: int = 400, num_layers: int = 12, seed: int = 0) -> Traces:
+    """Random but structured traces: stabilities rise with depth, readouts settle on the reference."""
+    generator = torch.Generator().manual_seed(seed)
+    depth = torch.linspace(0.8, 0.999, num_layers)
+    stabilities = (depth + 0.03 * torch.randn(tokens, num_layers, generator=generator)).clamp(max=1.0)
+    stabilities[:, 0] = math.nan
+    reference = torch.randint(0, 50, (tokens,), generator=generator)
+    settle = torch.randint(1, num_layers + 1, (tokens,), generator=generator)
+    noise = torch.randint(0, 50, (tokens, num_layers), generator=generator)
+    layer = torch.arange(1, num_layers + 1)
+    tokens_per_layer = torch.where(layer >= settle.unsqueeze(1), reference.unsqueeze(1), noise)
+    tokens_per_layer[:, -1] = reference
+    confidence = torch.rand(tokens, num_layers, generator=generator)
+    entropy = torch.rand(tokens, num_layers, generator=generator) * 5
+    return Traces(
+        num_layers=num_layers,
+        prompt_index=torch.arange(tokens) // 20,
+        stabilities=stabilities,
+        reference=reference,
+        readout=Readout(tokens_per_layer, confidence, entropy),
+    )
+
+
+CALIBRATION_PROMPTS = [
+    {"chat": True, "prompt": "Why is the sky blue?"},
+    {"chat": False, "prompt": "The three primary colors are"},
+    {"chat": True, "prompt": "Name three fruits."},
+]
+HELDOUT_PROMPTS = [
+    {"chat": True, "prompt": "What is the capital of Italy?"},
+    {"chat": False, "prompt": "Once upon a time"},
+]
+
+
+def _jsonl(items: list[dict]) -> str:
+    return "".join(json.dumps(item) + "\n" for item in items)
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prompts")
+    calibration = folder / "calibration.jsonl"
+    heldout = folder / "heldout.jsonl"
+    calibration.write_text(_jsonl(CALIBRATION_PROMPTS))
+    heldout.write_text(_jsonl(HELDOUT_PROMPTS))
+    return {"calibration": str(calibration), "heldout": str(heldout)}
+
+
+@pytest.fixture(scope="module")
+def small_traces(smollm2, prompt_files):
+    return record_traces(smollm2, load_prompts(prompt_files["calibration"]), max_new_tokens=12)
+
+
+# ---- the policies, offline -----------------------------------------------------------------
+
+
+def test_sweep_applies_the_runtime_rule_row_for_row():
+    traces = synthetic_traces()
+    policies = [ExitPolicy(0.95, k=2), ExitPolicy(0.97, k=3, min_layer=6), ExitPolicy(0.96, k=2, window=3)]
+    together = stability_exits(traces.stabilities, policies)
+    for policy, row in zip(policies, together, strict=True):
+        assert torch.equal(row, policy.exit_layers(traces.stabilities))
+
+
+def test_v6_exits_only_at_its_checkpoints():
+    assert v6_checkpoints(30) == [7, 15, 22]
+    traces = synthetic_traces(num_layers=30)
+    table = sweep(traces, build_settings(traces, SMALL_GRID, families={V6}), progress=False)
+    layers = table.exit_layers[V6]
+    assert set(layers.unique().tolist()) <= {7, 15, 22, 30}
+    assert set(layers.unique().tolist()) & {7, 15, 22}  # some tokens did exit early
+    # By hand: exit at the first checkpoint whose entropy is below its threshold.
+    entropy = torch.full((3, 30), 9.0)
+    entropy[0, 6], entropy[1, 14], entropy[1, 21] = 0.1, 0.1, 0.1
+    thresholds = torch.tensor([[1.0, 1.0, 1.0], [-math.inf, -math.inf, 1.0]])
+    assert checkpoint_exits(entropy, [7, 15, 22], thresholds).tolist() == [[7, 15, 30], [30, 22, 30]]
+
+
+def test_calm_exits_at_the_first_confident_layer_from_min_layer():
+    confidence = torch.tensor([[0.1, 0.95, 0.2, 0.99, 0.1], [0.1, 0.1, 0.1, 0.1, 0.1]])
+    assert confidence_exits(confidence, torch.tensor([0.9]), 1).tolist() == [[2, 5]]
+    assert confidence_exits(confidence, torch.tensor([0.9, 0.98]), 3).tolist() == [[4, 5], [4, 5]]
+
+
+def test_oracle_upper_bounds_every_policy_on_the_same_tokens(small_traces):
+    for traces in (synthetic_traces(num_layers=30), small_traces):
+        table = sweep(traces, build_settings(traces, SMALL_GRID), progress=False)
+        frontier = oracle_frontier(traces.readout, traces.reference)
+        assert frontier.agreement[-1] == 1.0  # some choice of layers reproduces every token
+        checked = 0
+        for row in table.rows:
+            if row.family == ORACLE:
+                continue
+            assert frontier.mean_layers_at(row.agreement) <= row.mean_layers + 1e-6, row
+            checked += 1
+        assert checked > 50 and {V7, WINDOW, V6, CALM} <= {r.family for r in table.rows}
+        # The stable oracle is a real choice of exit layers with agreement 1.
+        stable = stable_oracle_exits(traces.readout, traces.reference)
+        tokens = traces.readout.tokens.gather(1, stable.T - 1)[:, 0]
+        assert torch.equal(tokens, traces.reference)
+        assert frontier.mean_layers_at(1.0) <= stable.float().mean() + 1e-6
+
+
+# ---- calibration picks what its table says --------------------------------------------------
+
+
+def offline_check(row) -> TeacherForcedResult:
+    """A 'runtime' that reproduces the offline numbers (no state-propagation loss)."""
+    return TeacherForcedResult(0, row.agreement, row.mean_layers, row.layers_saved, [], [])
+
+
+@pytest.mark.parametrize("target", [0.6, 0.8, 0.9, 0.97])
+def test_calibration_picks_what_its_own_sweep_table_says_is_best(target):
+    traces = synthetic_traces(num_layers=30)
+    table = sweep(traces, build_settings(traces, SMALL_GRID, families={V7}), progress=False)
+    best = max(
+        (r for r in table.family(V7) if r.agreement >= target), key=lambda r: (r.layers_saved, r.agreement)
+    )
+    assert table.best_at(V7, target) == best
+    choice = choose(table, target, offline_check)  # bisection along the front finds the same row
+    assert choice.best.row == best
+
+    # With a runtime that loses agreement, the pick is the best *checked* row that passes.
+    def lossy(row) -> TeacherForcedResult:
+        return TeacherForcedResult(0, row.agreement - 0.02, row.mean_layers, row.layers_saved, [], [])
+
+    if best.agreement - 0.02 < target and all(r.agreement - 0.02 < target for r in table.pareto(V7)):
+        return
+    choice = choose(table, target, lossy)
+    passing = [c for c in choice.checked if c.runtime.agreement >= target]
+    assert choice.best in passing
+    assert choice.best.runtime.layers_saved == max(c.runtime.layers_saved for c in passing)
+    assert isinstance(choice.best, Checked)
+
+
+def test_calibrate_end_to_end_writes_a_file_the_engine_and_server_use(
+    smollm2, small_traces, prompt_files, tmp_path, monkeypatch
+):
+    run = calibrate(
+        smollm2,
+        target=0.9,
+        prompts=prompt_files["calibration"],
+        max_new_tokens=12,
+        grid=SMALL_GRID,
+        fit_adapters=False,
+        validate_on=prompt_files["heldout"],
+        traces=small_traces,
+        progress=False,
+    )
+    path = write(run, tmp_path / "smollm2-135m.json")
+    loaded = load_calibration(path)
+    assert loaded.policy == run.choice.policy and loaded.target_agreement == 0.9
+    assert loaded.agreement >= 0.9 and loaded.agreement == run.choice.best.runtime.agreement
+    assert loaded.details["validation"]["engine_teacher_forced"]["tokens"] > 0
+    assert loaded.details["checked"]  # the runtime checks are on record
+
+    monkeypatch.setenv("SEDAC_CALIBRATION_DIR", str(tmp_path))
+    engine = Engine(smollm2)
+    assert engine.policy == loaded.policy and str(path) in engine.policy_source
+    assert Engine(smollm2, ExitPolicy(0.97, k=3)).policy == ExitPolicy(0.97, k=3)
+    assert PipelineConfig.from_args({}).default_policy() == loaded.policy
+    assert PipelineConfig.from_args({"exit": {"tau": 0.99, "k": 3}}).default_policy() == DEFAULT_POLICY
+
+
+def test_models_without_a_calibration_file_keep_the_builtin_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEDAC_CALIBRATION_DIR", str(tmp_path))
+    assert default_policy("no-such-model", 30) == (DEFAULT_POLICY, BUILTIN_SOURCE)
+    (tmp_path / "other.json").write_text(
+        json.dumps(
+            {
+                "model": "other",
+                "num_layers": 12,
+                "target_agreement": 0.95,
+                "policy": {"tau": 0.9, "k": 2},
+                "agreement": 0.95,
+                "layers_saved": 0.1,
+            }
+        )
+    )
+    assert default_policy("other", 30)[0] == DEFAULT_POLICY  # calibrated for another depth: ignored
+    assert default_policy("other", 12)[0] == ExitPolicy(0.9, k=2)
+    assert model_name_for_spec("smollm2-135m") == "smollm2-135m"
+    assert model_name_for_spec(str(tmp_path)) == tmp_path.name
+
+
+def test_the_shipped_calibration_meets_its_target_on_held_out_prompts(smollm2):
+    calibration = load_calibration(packaged_calibration_dir() / "smollm2-135m.json")
+    assert calibration.model == smollm2.name and calibration.num_layers == 30
+    calibration.policy.validate_for(30)
+    assert calibration.agreement >= calibration.target_agreement
+    held = calibration.details["validation"]["engine_teacher_forced"]
+    assert calibration.details["validation"]["prompts"] == "heldout" and held["tokens"] > 1000
+    assert abs(held["agreement"] - calibration.target_agreement) <= 0.02
+
+
+def test_cli_calibrate_then_generate_uses_the_file(prompt_files, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "smollm2-135m.json"
+    flags = [
+        "--validate-on",
+        "none",
+        "--max-new-tokens",
+        "8",
+        "--target-agreement",
+        "0.9",
+        "--no-trace-cache",
+    ]
+    assert main(["calibrate", "--prompts", prompt_files["calibration"], *flags, "--output", str(output)]) == 0
+    assert f"wrote {output}" in capsys.readouterr().out
+    policy = load_calibration(output).policy
+    monkeypatch.setenv("SEDAC_CALIBRATION_DIR", str(tmp_path))
+    assert main(["generate", "--prompt", "Hi", "--max-new-tokens", "2", "--json"]) == 0
+    printed = capsys.readouterr()
+    assert f"calibration file {output}" in printed.err
+    assert json.loads(printed.out)["policy"] == policy.describe()
