@@ -370,16 +370,23 @@ class FrontDoorServer:
         set_grpc_error(grpc_context, error, request_id)
         self._record("grpc", request_id, started, error.grpc_code.name, request, error=error)
 
-    async def Generate(self, message, grpc_context=None) -> sedac_pb2.GenerateResponse:
-        request_id = current_request_id()
-        started = time.perf_counter()
+    def _grpc_admit(self, message, grpc_context, request_id: str, started: float):
+        """The checked request and its admission, or None once the refusal has been answered."""
         request = None
         try:
             request = self._grpc_request(message, grpc_context)
-            admission = self._admit()
+            return request, self._admit()
         except ServeError as err:
             self._grpc_failed(grpc_context, request_id, started, err, request)
+            return None
+
+    async def Generate(self, message, grpc_context=None) -> sedac_pb2.GenerateResponse:
+        request_id = current_request_id()
+        started = time.perf_counter()
+        admitted = self._grpc_admit(message, grpc_context, request_id, started)
+        if admitted is None:
             return sedac_pb2.GenerateResponse(request_id=request_id)
+        request, admission = admitted
         try:
             completion = await self.driver.complete(request, lambda: self.new_completion(request))
         except asyncio.CancelledError:
@@ -405,13 +412,10 @@ class FrontDoorServer:
     async def GenerateStream(self, message, grpc_context=None) -> AsyncIterator[sedac_pb2.GenerateChunk]:
         request_id = current_request_id()
         started = time.perf_counter()
-        request = None
-        try:
-            request = self._grpc_request(message, grpc_context)
-            admission = self._admit()
-        except ServeError as err:
-            self._grpc_failed(grpc_context, request_id, started, err, request)
+        admitted = self._grpc_admit(message, grpc_context, request_id, started)
+        if admitted is None:
             return
+        request, admission = admitted
         completion = self.new_completion(request)
         try:
             async for event in self.driver.stream(request, completion):
