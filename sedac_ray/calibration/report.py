@@ -99,7 +99,7 @@ class QualityBench:
         calibration_prompts: str = "calibration",
         eval_prompts: str = "heldout",
         grid: SweepGrid | None = None,
-        wallclock_prompts: int = 4,
+        wallclock_prompts: int = 3,
         wallclock_tokens: int = 32,
         adapter_rank: int | None = DEFAULT_RANK,
         progress: bool = True,
@@ -292,8 +292,9 @@ class QualityBench:
                 row["_exit_layers"] = torch.tensor(result.exit_layers)
 
     def _wallclock(self, rows: list[dict]) -> None:
-        """Free-running greedy generation with the engine, batch 1, fixed length, rounds interleaved
-        (medians): tokens/s and speedup over the same engine with exits disabled."""
+        """Free-running greedy generation with the engine, batch 1, fixed length. Each timed run is
+        paired with a no-exit run right before it, and the speedup is the median of the pairs'
+        ratios: on a shared machine the load drifts, and a pair sees about the same load."""
         from sedac_ray.engine import Engine
 
         items = [p for p in load_prompts(self.eval_prompts) if p.chat][: self.wallclock_prompts]
@@ -302,37 +303,40 @@ class QualityBench:
         engines = {PLAIN: Engine(self.loaded, ExitPolicy.disabled())}
         if len(self.variants) > 1:
             engines[ADAPTED] = Engine(self.loaded, ExitPolicy.disabled(), adapters=adapters[ADAPTED])
-        configs = [(None, PLAIN, ExitPolicy.disabled())] + [
-            (i, r["readout"], policy_from_setting(r["setting"])) for i, r in enumerate(timed)
-        ]
-        seconds: dict[int | None, list[float]] = {i: [] for i, _, _ in configs}
         tokens = len(items) * self.wallclock_tokens
-        total = self.wallclock_rounds * len(configs)
-        with tqdm(total=total, desc="wall clock", unit="run", leave=False, disable=not self.progress) as bar:
+
+        def seconds(readout: str, policy: ExitPolicy) -> float:
+            start = time.perf_counter()
+            for item in items:
+                engines[readout].generate(
+                    as_engine_prompt(item.prompt),
+                    max_new_tokens=self.wallclock_tokens,
+                    chat=True,
+                    policy=policy,
+                    ignore_eos=True,
+                )
+            return time.perf_counter() - start
+
+        pairs: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(timed))}
+        total = self.wallclock_rounds * len(timed)
+        with tqdm(total=total, desc="wall clock", unit="pair", leave=False, disable=not self.progress) as bar:
             for _ in range(self.wallclock_rounds):
-                for i, readout, policy in configs:
-                    start = time.perf_counter()
-                    for item in items:
-                        engines[readout].generate(
-                            as_engine_prompt(item.prompt),
-                            max_new_tokens=self.wallclock_tokens,
-                            chat=True,
-                            policy=policy,
-                            ignore_eos=True,
-                        )
-                    seconds[i].append(time.perf_counter() - start)
+                for i, row in enumerate(timed):
+                    baseline = seconds(PLAIN, ExitPolicy.disabled())
+                    pairs[i].append((baseline, seconds(row["readout"], policy_from_setting(row["setting"]))))
                     bar.update()
-        baseline = statistics.median(seconds[None])
-        self.wallclock_baseline = {"tokens_per_s": tokens / baseline, "seconds": seconds[None]}
+        baselines = [b for runs in pairs.values() for b, _ in runs]
+        self.wallclock_baseline = {
+            "tokens_per_s": tokens / statistics.median(baselines),
+            "runs": len(baselines),
+        }
         for i, row in enumerate(timed):
-            median = statistics.median(seconds[i])
             row["wallclock"] = {
-                "tokens_per_s": tokens / median,
-                "speedup_vs_no_exit": baseline / median,
-                "seconds": seconds[i],
+                "tokens_per_s": tokens / statistics.median(t for _, t in pairs[i]),
+                "speedup_vs_no_exit": statistics.median(b / t for b, t in pairs[i]),
+                "pairs_seconds": pairs[i],
                 "prompts": len(items),
                 "tokens_per_prompt": self.wallclock_tokens,
-                "rounds": self.wallclock_rounds,
             }
 
     def _fronts(self, table: SweepTable) -> dict:
@@ -363,28 +367,13 @@ class QualityBench:
         return paths
 
     def markdown(self) -> str:
-        result = self.result
-        held = result["prompts"]["heldout"]
-        cal = result["prompts"]["calibration"]
-        lines = [
-            f"Quality vs layers saved, {result['model']} ({result['num_layers']} layers, {result['dtype']}, "
-            f"{result['device']}). Settings chosen on the calibration prompts ({cal['prompts']} prompts, "
-            f"{cal['tokens']} decode tokens) for each target; judged on held-out prompts ({held['prompts']} "
-            f"prompts, {held['tokens']} decode tokens). Agreement: exit token = the full model's greedy "
-            "token on the same prefix.",
-            "",
-            "| " + " | ".join(TABLE_HEADER) + " |",
-            "|" + "---|" * len(TABLE_HEADER),
-        ]
-        for row in result["rows"]:
-            lines.append(_markdown_row(row))
-        if "wallclock_no_exit" in result or hasattr(self, "wallclock_baseline"):
-            baseline = getattr(self, "wallclock_baseline", None) or result["wallclock_no_exit"]
-            lines += [
-                "",
-                f"Wall clock: engine, batch 1, greedy; no exit: {baseline['tokens_per_s']:.1f} tok/s.",
-            ]
-        return "\n".join(lines)
+        result = dict(
+            self.result,
+            rows=[{k: v for k, v in r.items() if not k.startswith("_")} for r in self.result["rows"]],
+        )
+        if hasattr(self, "wallclock_baseline"):
+            result["wallclock_no_exit"] = self.wallclock_baseline
+        return render_markdown(result)
 
     def plot(self, out: Path) -> list[Path]:
         import matplotlib
@@ -407,7 +396,8 @@ class QualityBench:
                         [100 * r.layers_saved for r in front],
                         color=colors[family],
                         label=FAMILY_TITLES[family],
-                        drawstyle="steps-post" if family != ORACLE else "default",
+                        # steps-pre: between two front points only the less saving one is reachable
+                        drawstyle="steps-pre" if family != ORACLE else "default",
                         linestyle="--" if family == ORACLE else "-",
                     )
             for row in self.result["rows"]:
@@ -428,6 +418,24 @@ class QualityBench:
                         edgecolors=colors[row["family"]],
                         s=60,
                     )
+            default = next(
+                (
+                    r
+                    for r in self.result["rows"]
+                    if "calibrated_default" in r and r["readout"] == variant.name
+                ),
+                None,
+            )
+            if default:
+                runtime = default["heldout_runtime"]
+                axis.scatter(
+                    runtime["agreement"],
+                    100 * runtime["layers_saved"],
+                    marker="D",
+                    color="tab:red",
+                    s=40,
+                    label=f"calibrated default (runtime), target {default['target']:g}",
+                )
             stable = variant.heldout.family(STABLE_ORACLE)[0]
             axis.scatter(
                 stable.agreement,
@@ -439,8 +447,10 @@ class QualityBench:
             )
             for target in self.targets:
                 axis.axvline(target, color="grey", linewidth=0.6, linestyle=":")
-            axis.set_xlim(0.6, 1.002)
-            axis.set_ylim(0, None)
+            low = 0.6
+            axis.set_xlim(low, 1.002)
+            visible = [r.layers_saved for r in variant.heldout.rows if r.agreement >= low]
+            axis.set_ylim(0, 100 * max(visible) + 3)
             axis.set_xlabel("agreement with the full model (held-out, offline)")
             axis.set_ylabel("layers saved (%)")
             title = "plain head readout" if variant.name == PLAIN else "with exit adapters"
@@ -504,6 +514,80 @@ class QualityBench:
         figure.savefig(paths[2], dpi=120)
         plt.close(figure)
         return paths
+
+
+def render_markdown(result: dict) -> str:
+    """``quality.md`` from the content of ``quality.json``: a summary table, then every row."""
+    held = result["prompts"]["heldout"]
+    cal = result["prompts"]["calibration"]
+    lines = [
+        f"Quality vs layers saved, {result['model']} ({result['num_layers']} layers, {result['dtype']}, "
+        f"{result['device']}). Settings chosen on the calibration prompts ({cal['prompts']} prompts, "
+        f"{cal['tokens']} decode tokens) for each target; judged on held-out prompts ({held['prompts']} "
+        f"prompts, {held['tokens']} decode tokens). Agreement: exit token = the full model's greedy "
+        "token on the same prefix. Offline: recorded traces; runtime: the engine's LayerRange, "
+        "teacher-forced, with state propagation.",
+        "",
+        *summary_table(result["rows"]),
+        "",
+        "All rows:",
+        "",
+        "| " + " | ".join(TABLE_HEADER) + " |",
+        "|" + "---|" * len(TABLE_HEADER),
+        *(_markdown_row(row) for row in result["rows"]),
+    ]
+    baseline = result.get("wallclock_no_exit")
+    if baseline:
+        lines += [
+            "",
+            "Wall clock: engine, batch 1, greedy, fixed length; no exit "
+            f"{baseline['tokens_per_s']:.1f} tok/s (median). Speedup: the median over runs of "
+            "(no-exit run time / run time), each run right after its own no-exit run.",
+        ]
+    return "\n".join(lines)
+
+
+def summary_table(rows: list[dict]) -> list[str]:
+    """One line per policy and target: plain readout, runtime, wall clock, and with adapters."""
+    header = [
+        "policy",
+        "target",
+        "setting (chosen on calibration)",
+        "agreement",
+        "layers saved",
+        "runtime agreement",
+        "runtime saved",
+        "speedup",
+        "with adapters: agreement",
+        "with adapters: saved",
+    ]
+    adapted = {(r["family"], r.get("target")): r for r in rows if r["readout"] == ADAPTED}
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if row["readout"] != PLAIN or row["family"] == NO_EXIT:
+            continue
+        held = row.get("heldout") or {}
+        runtime = row.get("heldout_runtime") or {}
+        clock = row.get("wallclock")
+        twin = {} if "calibrated_default" in row else adapted.get((row["family"], row.get("target")), {})
+        twin_held = twin.get("heldout") or {}
+        name = FAMILY_TITLES.get(row["family"], row["family"])
+        if "calibrated_default" in row:
+            name = "**V7 calibrated default** (shipped file)"
+        cells = [
+            name,
+            "-" if row.get("target") is None else f"{row['target']:g}",
+            _describe_setting(row),
+            _fmt(held.get("agreement")),
+            _fmt(held.get("layers_saved"), percent=True),
+            _fmt(runtime.get("agreement")),
+            _fmt(runtime.get("layers_saved"), percent=True),
+            f"{clock['speedup_vs_no_exit']:.2f}x" if clock else "-",
+            _fmt(twin_held.get("agreement")),
+            _fmt(twin_held.get("layers_saved"), percent=True),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _point(row: SweepRow) -> dict:
