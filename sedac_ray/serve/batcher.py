@@ -4,6 +4,10 @@ Ray Serve's ``@serve.batch`` forms the next batch as soon as the current one sta
 batch computes every new arrival becomes a batch of its own and waits in line. Here a batch is
 only formed when one of ``max_in_flight`` slots is free, from everything that queued up in the
 meantime: batches grow with load, and a lone request waits at most ``wait_s`` for company.
+
+With a ``target`` (how many items the caller expects in the next batch), a batch instead waits
+until that many have queued, or ``wait_s`` passed: callers that come back a little apart (the
+front door streams each token before it submits the sequence's next step) still travel together.
 """
 
 from __future__ import annotations
@@ -23,15 +27,18 @@ class Batcher(Generic[Item, Result]):
         max_size: int,
         wait_s: float,
         max_in_flight: int = 1,
+        target: Callable[[], int] | None = None,
     ):
         self.handler = handler
         self.max_size = max_size
         self.wait_s = wait_s
         self.max_in_flight = max_in_flight
+        self.target = target
         self.sizes: list[int] = []  # recent batch sizes, for stats
         self.batches = 0
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future]] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
+        self._arrived = asyncio.Event()
 
     @property
     def queued(self) -> int:
@@ -43,6 +50,7 @@ class Batcher(Generic[Item, Result]):
             self._worker = asyncio.get_running_loop().create_task(self._run())
         future = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future))
+        self._arrived.set()
         return await future
 
     async def _run(self) -> None:
@@ -50,9 +58,13 @@ class Batcher(Generic[Item, Result]):
         while True:
             await slots.acquire()  # the next batch forms only when it can run
             batch = [await self._queue.get()]
-            if self._queue.empty() and self.wait_s > 0:
+            size = self.max_size
+            if self.target is not None:
+                size = max(1, min(size, self.target()))
+                await self._gather(size - 1)
+            elif self._queue.empty() and self.wait_s > 0:
                 await asyncio.sleep(self.wait_s)
-            while not self._queue.empty() and len(batch) < self.max_size:
+            while not self._queue.empty() and len(batch) < size:
                 batch.append(self._queue.get_nowait())
             batch = [(item, future) for item, future in batch if not future.cancelled()]
             if not batch:
@@ -62,6 +74,19 @@ class Batcher(Generic[Item, Result]):
             self.batches += 1
             task = asyncio.get_running_loop().create_task(self._process(batch))
             task.add_done_callback(lambda _: slots.release())
+
+    async def _gather(self, count: int) -> None:
+        """Wait until ``count`` more items queued, or ``wait_s`` passed."""
+        deadline = asyncio.get_running_loop().time() + self.wait_s
+        while self._queue.qsize() < count:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:  # an alias of TimeoutError from 3.11 on
+                return
 
     async def _process(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
         try:

@@ -23,6 +23,7 @@ class PipelineConfig:
     max_batch_size: int = 32  # step messages a stage or the LM head merges into one batch
     batch_wait_timeout_s: float = 0.003
     steps_in_flight: int = 2  # front-door step batches in the pipeline at once (pipelining depth)
+    step_gather_timeout_s: float = 0.05  # longest a front-door step batch waits for its members
     step_timeout_s: float = 60.0  # a step that does not come back in time fails the request
     stage_replicas: list[int] | None = None  # fixed replicas per stage (YAML `deployments:` can override)
     replica_cpus: float | None = None  # CPUs reserved per replica (None: Ray's default of 1)

@@ -47,11 +47,15 @@ class PipelineDriver:
         self.config = config
         self.stages = stages
         # Sequences step together: in-flight steps merge into one stage-0 message per replica.
+        # The decoding sequences split evenly over `steps_in_flight` groups, and a group waits for
+        # its members to come back (each streams its token first) before it steps again.
+        self.decoding = 0  # sequences past prefill and not finished
         self.steps = Batcher(
             self._step_many,
             max_size=config.max_batch_size,
-            wait_s=config.batch_wait_timeout_s,
+            wait_s=config.step_gather_timeout_s,
             max_in_flight=config.steps_in_flight,
+            target=lambda: -(-self.decoding // config.steps_in_flight),
         )
         self._releases: set[asyncio.Task] = set()  # kept referenced until done
         self.retries = 0
@@ -104,6 +108,7 @@ class PipelineDriver:
         seq_id = uuid.uuid4().hex
         rule = np.asarray([request.policy.rule()], dtype=np.float32)
         route: tuple[str, ...] = ()
+        decoding = False
         try:
             prefill = PrefillMessage(
                 seq_id,
@@ -114,6 +119,8 @@ class PipelineDriver:
             result = await self._within(self.stages[0].prefill.remote(prefill), deadline)
             route, step = result.route, result.first
             position = len(request.prompt_ids)
+            decoding = True
+            self.decoding += 1
             while True:
                 completion.add(step.token, step.exit_layer)
                 text = completion.new_text()
@@ -133,6 +140,8 @@ class PipelineDriver:
                 step = await self._within(self.steps.submit((route[0], rows)), deadline)
                 position += 1
         finally:
+            if decoding:
+                self.decoding -= 1
             if route:  # detached: a cancelled request must still free its KV
                 task = asyncio.ensure_future(self._release(seq_id, route))
                 self._releases.add(task)
