@@ -38,8 +38,12 @@ class SedacClient:
         min_layer: int | None = None,
         window: int | None = None,
         disable_exit: bool = False,
+        speculative: bool = False,
+        stream_drafts: bool = False,
     ) -> sedac_pb2.GenerateRequest:
-        exit_config = sedac_pb2.ExitConfig(disable=disable_exit)
+        exit_config = sedac_pb2.ExitConfig(
+            disable=disable_exit, speculative=speculative, stream_drafts=stream_drafts
+        )
         for name, value in (("tau", tau), ("k", k), ("min_layer", min_layer), ("window", window)):
             if value is not None:
                 setattr(exit_config, name, value)

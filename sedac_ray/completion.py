@@ -7,6 +7,10 @@ the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sedac_ray.speculative import SpeculativeStats
 
 
 @dataclass
@@ -18,6 +22,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length" once finished
+    speculative: SpeculativeStats | None = None  # acceptance statistics of a speculative decode
     _streamed: int = 0  # characters of text already handed out by new_text()
 
     @property

@@ -117,3 +117,52 @@ def test_models_and_health(pipeline):
             "num_layers": 30,
             "stages": 3,
         }
+
+
+# ---- lossless speculative mode across the stages ------------------------------------------------
+
+SPECULATIVE = {"speculative": True, "tau": 0.97, "k": 3}  # drafts often; many drafts prove wrong
+
+
+def test_speculative_pipeline_equals_hf_greedy_with_drafts_accepted_and_rolled_back(pipeline, smollm2):
+    prompts = [*CHAT_PROMPTS, "Count from 1 to 5.", "Name three fruits."]
+    with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent, so speculative rows share batches
+        bodies = list(
+            pool.map(lambda p: chat(pipeline, p, max_tokens=MAX_TOKENS, sedac=SPECULATIVE), prompts)
+        )
+    totals = dict.fromkeys(("drafts", "accepted", "rolled_back", "verifications", "rollbacks", "direct"), 0)
+    for prompt, body in zip(prompts, bodies, strict=True):
+        choice, stats = body["choices"][0], body["usage"]["speculative"]
+        prompt_ids = chat_prompt_ids(smollm2.tokenizer, prompt)
+        assert choice["token_ids"] == hf_greedy(smollm2.model, prompt_ids, MAX_TOKENS), prompt
+        # The first token comes from prefill; every other one ran full depth or was verified.
+        assert len(choice["token_ids"]) == 1 + stats["direct"] + stats["accepted"] + stats["rollbacks"]
+        assert stats["drafts"] == stats["accepted"] + stats["rolled_back"]
+        for name in totals:
+            totals[name] += stats[name]
+    assert totals["accepted"] > 0 and totals["rollbacks"] > 0, totals  # drafts kept and rolled back
+    assert any(layer < 30 for body in bodies for layer in body["choices"][0]["exit_layers"])
+    for stage in ("Stage0", "Stage1", "Stage2"):  # rolled-back sequences released their KV too
+        stats = pipeline.local.stats(stage)
+        assert all(r["sequences"] == 0 and r["kv_slots_in_use"] == 0 for r in stats), stats
+
+
+def test_speculative_grpc_stream_marks_drafts_and_commits_only_verified_tokens(pipeline, smollm2):
+    client = pipeline.grpc
+    options = dict(chat=True, max_tokens=MAX_TOKENS, tau=0.97, k=3, speculative=True)
+    chunks = list(client.stream(CHAT_PROMPTS[2], stream_drafts=True, **options))
+    whole = client.generate(CHAT_PROMPTS[2], **options)
+    prompt_ids = chat_prompt_ids(smollm2.tokenizer, CHAT_PROMPTS[2])
+    assert list(whole.token_ids) == hf_greedy(smollm2.model, prompt_ids, MAX_TOKENS)
+    verified = [c for c in chunks if not c.draft]
+    drafts = [c for c in chunks if c.draft]
+    assert [c.token_id for c in verified] == list(whole.token_ids)
+    assert [c.index for c in verified] == list(range(len(whole.token_ids)))
+    assert "".join(c.text for c in verified) == whole.text
+    assert drafts and all(c.exit_layer < 30 and not c.finish_reason for c in drafts)
+    last = verified[-1].speculative
+    assert last.drafts == len(drafts) and whole.speculative.drafts > 0  # timing decides how many
+    assert last.accepted + last.rollbacks == last.verifications
+    without_drafts = list(client.stream(CHAT_PROMPTS[2], **options))
+    assert [c.token_id for c in without_drafts] == list(whole.token_ids)
+    assert not any(c.draft for c in without_drafts)

@@ -24,6 +24,7 @@ class PipelineConfig:
     batch_wait_timeout_s: float = 0.003
     steps_in_flight: int = 2  # front-door step batches in the pipeline at once (pipelining depth)
     step_gather_timeout_s: float = 0.05  # longest a front-door step batch waits for its members
+    draft_limit: int = 4  # speculative requests: unverified tokens ahead of the committed ones
     step_timeout_s: float = 60.0  # a step that does not come back in time fails the request
     stage_replicas: list[int] | None = None  # fixed replicas per stage (YAML `deployments:` can override)
     replica_cpus: float | None = None  # CPUs reserved per replica (None: Ray's default of 1)
@@ -49,7 +50,7 @@ class PipelineConfig:
         config.default_policy()  # fail at build time, not on the first request
         if config.boundaries is None and config.stages < 1:
             raise ValueError(f"stages must be >= 1, got {config.stages}")
-        for name in ("max_concurrent_requests", "max_request_bytes", "max_batch_size"):
+        for name in ("max_concurrent_requests", "max_request_bytes", "max_batch_size", "draft_limit"):
             if getattr(config, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
         for name in ("request_timeout_s", "step_timeout_s", "kv_budget_mb", "kv_lease_s"):

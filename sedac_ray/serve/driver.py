@@ -9,6 +9,9 @@ Failures of the cluster (a replica died, a stage stopped answering) become
 :class:`~sedac_ray.serve.errors.Unavailable`; such a request is retried once from its prefill
 when the client has seen none of its tokens yet, since the retry then cannot be told apart from
 a first try.
+
+Speculative requests (lossless early exit) step on from drafts while the deeper stages verify
+them: :class:`~sedac_ray.serve.speculation.SpeculativeDecode`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +31,8 @@ from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.errors import DeadlineExceeded, ServeError, Unavailable, as_serve_error
 from sedac_ray.serve.requests import GenerationRequest
 from sedac_ray.serve.routing import pin
-from sedac_ray.serve.transport import PrefillMessage, Rows, StepMessage, TokenResult
+from sedac_ray.serve.speculation import SpeculativeDecode
+from sedac_ray.serve.transport import SPECULATIVE, PrefillMessage, Rows, StepMessage, TokenResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,16 +44,19 @@ class TokenEvent:
     text: str  # text this token completes
     index: int
     finish_reason: str | None
+    draft: bool = False  # an unverified draft (speculative requests that asked to see drafts)
 
 
 class PipelineDriver:
-    def __init__(self, config: PipelineConfig, stages: list):
+    def __init__(self, config: PipelineConfig, stages: list, num_layers: int):
         self.config = config
         self.stages = stages
+        self.num_layers = num_layers
         # Sequences step together: in-flight steps merge into one stage-0 message per replica.
         # The decoding sequences split evenly over `steps_in_flight` groups, and a group waits for
         # its members to come back (each streams its token first) before it steps again.
-        self.decoding = 0  # sequences past prefill and not finished
+        # Speculative sequences step whenever a draft comes back, so no group waits for them.
+        self.decoding = 0  # plain sequences past prefill and not finished
         self.steps = Batcher(
             self._step_many,
             max_size=config.max_batch_size,
@@ -106,7 +113,6 @@ class PipelineDriver:
         self, request: GenerationRequest, completion: Completion, deadline: float
     ) -> AsyncIterator[TokenEvent]:
         seq_id = uuid.uuid4().hex
-        rule = np.asarray([request.policy.rule()], dtype=np.float32)
         route: tuple[str, ...] = ()
         decoding = False
         try:
@@ -118,26 +124,19 @@ class PipelineDriver:
             )
             result = await self._within(self.stages[0].prefill.remote(prefill), deadline)
             route, step = result.route, result.first
-            position = len(request.prompt_ids)
+            completion.add(step.token, step.exit_layer)
+            yield self._event(completion, step.exit_layer)
+            if request.speculative:
+                async for event in self._speculate(seq_id, route, request, completion, deadline):
+                    yield event
+                return
             decoding = True
             self.decoding += 1
-            while True:
+            position = len(request.prompt_ids)
+            while not completion.finished:
+                step = await self._step(seq_id, route, request, position, step.token, deadline)
                 completion.add(step.token, step.exit_layer)
-                text = completion.new_text()
-                index = len(completion.token_ids) - 1
-                yield TokenEvent(step.token, step.exit_layer, text, index, completion.finish_reason)
-                if completion.finished:
-                    return
-                rows = Rows(
-                    seq_ids=[seq_id],
-                    positions=np.asarray([position]),
-                    rules=rule,
-                    state=np.zeros(1, np.int64),
-                    sampling=[request.sampling],
-                    routes=[route],
-                    token_ids=np.asarray([step.token]),
-                )
-                step = await self._within(self.steps.submit((route[0], rows)), deadline)
+                yield self._event(completion, step.exit_layer)
                 position += 1
         finally:
             if decoding:
@@ -146,6 +145,75 @@ class PipelineDriver:
                 task = asyncio.ensure_future(self._release(seq_id, route))
                 self._releases.add(task)
                 task.add_done_callback(self._releases.discard)
+
+    @staticmethod
+    def _event(completion: Completion, exit_layer: int) -> TokenEvent:
+        """The event for the completion's newest token."""
+        token, index = completion.token_ids[-1], len(completion.token_ids) - 1
+        return TokenEvent(token, exit_layer, completion.new_text(), index, completion.finish_reason)
+
+    def _step(
+        self,
+        seq_id: str,
+        route: tuple[str, ...],
+        request: GenerationRequest,
+        position: int,
+        token: int,
+        deadline: float,
+        epoch: int | None = None,
+    ) -> Awaitable[TokenResult]:
+        """One decode step of the sequence (speculative when ``epoch`` is given)."""
+        rows = Rows(
+            seq_ids=[seq_id],
+            positions=np.asarray([position]),
+            rules=np.asarray([request.policy.rule()], dtype=np.float32),
+            state=np.zeros(1, np.int64),
+            sampling=[request.sampling],
+            routes=[route],
+            token_ids=np.asarray([token]),
+        )
+        if epoch is not None:
+            rows.modes[:], rows.epochs[:] = SPECULATIVE, epoch
+        return self._within(self.steps.submit((route[0], rows)), deadline)
+
+    async def _speculate(
+        self,
+        seq_id: str,
+        route: tuple[str, ...],
+        request: GenerationRequest,
+        completion: Completion,
+        deadline: float,
+    ) -> AsyncIterator[TokenEvent]:
+        last = self.stages[-1].options(session_id=pin(route[-1]))
+
+        async def rollback(position: int, epoch: int) -> None:
+            calls = [
+                stage.options(session_id=pin(replica)).rollback.remote(seq_id, position, epoch)
+                for stage, replica in zip(self.stages, route, strict=True)
+            ]
+            await self._within(asyncio.gather(*calls), deadline)
+
+        decode = SpeculativeDecode(
+            completion,
+            prompt_length=len(request.prompt_ids),
+            num_layers=self.num_layers,
+            draft_limit=self.config.draft_limit,
+            step=lambda position, token, epoch: self._step(
+                seq_id, route, request, position, token, deadline, epoch
+            ),
+            verify=lambda position, epoch: self._within(
+                last.verified.remote(seq_id, position, epoch), deadline
+            ),
+            rollback=rollback,
+        )
+        completion.speculative = decode.stats
+        async for item in decode.run(show_drafts=request.stream_drafts):
+            if item.draft:
+                text = completion.tokenizer.decode([item.token], skip_special_tokens=True)
+                index = len(completion.token_ids) + len(decode.pending) - 1
+                yield TokenEvent(item.token, item.exit_layer, text, index, None, draft=True)
+            else:
+                yield self._event(completion, item.exit_layer)
 
     async def _within(self, awaitable, deadline: float):
         """``awaitable``'s result within the step timeout and the request's deadline."""

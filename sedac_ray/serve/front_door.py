@@ -63,6 +63,8 @@ class SedacOptions(BaseModel):
     k: StrictInt | None = None
     min_layer: StrictInt | None = None
     window: StrictInt | None = None
+    speculative: StrictBool = False
+    stream_drafts: StrictBool = False
 
 
 class _Common(BaseModel):
@@ -111,7 +113,7 @@ class FrontDoorServer:
         self.model_name = self.config.model
         self.num_layers = int(model_config.num_hidden_layers)
         self.eos_ids = eos_token_ids([generation_config, model_config], tokenizer)
-        self.driver = PipelineDriver(self.config, stages)
+        self.driver = PipelineDriver(self.config, stages, self.num_layers)
         self.requests = RequestBuilder(
             tokenizer,
             model_name=self.model_name,
@@ -163,6 +165,8 @@ class FrontDoorServer:
             self.metrics.failed(protocol, code)
         if completion is not None:
             self.metrics.tokens(completion.exit_layers)
+            if completion.speculative is not None:
+                self.metrics.speculative(completion.speculative)
         entry = {"event": "request", "request_id": request_id, "protocol": protocol, "status": code}
         entry["latency_ms"] = round(latency * 1000, 1)
         if request is not None:
@@ -170,6 +174,8 @@ class FrontDoorServer:
         if completion is not None:
             entry["completion_tokens"] = len(completion.token_ids)
             entry["mean_layers"] = round(completion.mean_layers, 2)
+            if completion.speculative is not None:
+                entry["speculative"] = completion.speculative.as_dict()
         if error is not None:
             entry["error"] = error.message
         (logger.warning if error is not None and error.http_status >= 500 else logger.info)(json.dumps(entry))
@@ -269,6 +275,15 @@ class FrontDoorServer:
         finally:
             admission.release()
         self._record("http", request_id, started, "200", request, completion)
+        usage = {
+            "prompt_tokens": len(request.prompt_ids),
+            "completion_tokens": len(completion.token_ids),
+            "total_tokens": len(request.prompt_ids) + len(completion.token_ids),
+            "num_layers": self.num_layers,
+            "mean_layers": completion.mean_layers,
+        }
+        if completion.speculative is not None:
+            usage["speculative"] = completion.speculative.as_dict()
         choice = _choice(
             chat,
             completion.text,
@@ -283,13 +298,7 @@ class FrontDoorServer:
             "created": created,
             "model": self.model_name,
             "choices": [choice],
-            "usage": {
-                "prompt_tokens": len(request.prompt_ids),
-                "completion_tokens": len(completion.token_ids),
-                "total_tokens": len(request.prompt_ids) + len(completion.token_ids),
-                "num_layers": self.num_layers,
-                "mean_layers": completion.mean_layers,
-            },
+            "usage": usage,
         }
 
     async def _sse(
@@ -314,6 +323,8 @@ class FrontDoorServer:
                     token_id=event.token,
                     exit_layer=event.exit_layer,
                 )
+                if event.draft:
+                    choice["draft"] = True
                 chunk = {
                     "id": ("chatcmpl-" if chat else "cmpl-") + request_id,
                     "object": kind,
@@ -321,6 +332,8 @@ class FrontDoorServer:
                     "model": self.model_name,
                     "choices": [choice],
                 }
+                if event.finish_reason and completion.speculative is not None:
+                    chunk["speculative"] = completion.speculative.as_dict()
                 yield f"data: {json.dumps(chunk)}\n\n"
         except asyncio.CancelledError:
             code, error = "499", ServeError("client disconnected")
@@ -350,7 +363,11 @@ class FrontDoorServer:
                 f"the request is {size} bytes; the limit is {self.config.max_request_bytes}"
             )
         exit_config = message.exit
-        overrides = {"disable_exit": exit_config.disable}
+        overrides = {
+            "disable_exit": exit_config.disable,
+            "speculative": exit_config.speculative,
+            "stream_drafts": exit_config.stream_drafts,
+        }
         for name in ("tau", "k", "min_layer", "window"):
             if exit_config.HasField(name):
                 overrides[name] = getattr(exit_config, name)
@@ -407,6 +424,7 @@ class FrontDoorServer:
             prompt_tokens=len(request.prompt_ids),
             mean_layers=completion.mean_layers,
             request_id=request_id,
+            speculative=_speculative_pb(completion),
         )
 
     async def GenerateStream(self, message, grpc_context=None) -> AsyncIterator[sedac_pb2.GenerateChunk]:
@@ -427,6 +445,8 @@ class FrontDoorServer:
                     finish_reason=event.finish_reason or "",
                     num_layers=self.num_layers,
                     request_id=request_id,
+                    draft=event.draft,
+                    speculative=_speculative_pb(completion) if event.finish_reason else None,
                 )
         except asyncio.CancelledError:
             self._record(
@@ -451,6 +471,20 @@ class Admission:
         if self._on_release is not None:
             on_release, self._on_release = self._on_release, None
             on_release()
+
+
+def _speculative_pb(completion: Completion) -> sedac_pb2.SpeculativeStats | None:
+    stats = completion.speculative
+    if stats is None:
+        return None
+    return sedac_pb2.SpeculativeStats(
+        drafts=stats.drafts,
+        accepted=stats.accepted,
+        rolled_back=stats.rolled_back,
+        verifications=stats.verifications,
+        rollbacks=stats.rollbacks,
+        direct=stats.direct,
+    )
 
 
 def _choice(chat: bool, text: str, streaming: bool, **fields) -> dict:

@@ -3,7 +3,8 @@
 
 Front door: requests and errors by protocol and code, prompt and generated tokens, the exit
 layer of every generated token, layers executed against full depth (the saved fraction is
-``1 - executed / full``, also kept as a gauge), request latency and requests in flight.
+``1 - executed / full``, also kept as a gauge), request latency and requests in flight; for
+speculative requests, drafts made, accepted and rolled back, and verifications.
 Stages: rows per batch, queue depth, and KV use against the budget.
 """
 
@@ -42,6 +43,16 @@ class FrontDoorMetrics:
             "sedac_request_latency_seconds", "Request latency, end to end", boundaries=_LATENCY_BUCKETS_S
         )
         self.in_flight = Gauge("sedac_requests_in_flight", "Requests being served by this front door")
+        self.spec_counters = {
+            name: Counter(f"sedac_speculative_{name}_total", help)
+            for name, help in (
+                ("drafts", "Tokens drafted by an early exit (speculative requests)"),
+                ("accepted", "Drafts confirmed by full-depth verification"),
+                ("rolled_back", "Drafts discarded: a wrong one and all drafted after it"),
+                ("verifications", "Drafts verified at full depth"),
+                ("rollbacks", "Verifications that found a wrong draft"),
+            )
+        }
         self._executed = 0
         self._full = 0
 
@@ -55,6 +66,12 @@ class FrontDoorMetrics:
             self._executed += sum(exit_layers)
             self._full += self.num_layers * len(exit_layers)
             self.layers_saved.set(1 - self._executed / self._full)
+
+    def speculative(self, stats) -> None:
+        """Count one speculative request's :class:`~sedac_ray.speculative.SpeculativeStats`."""
+        for name, counter in self.spec_counters.items():
+            if getattr(stats, name):
+                counter.inc(getattr(stats, name))
 
     def answered(self, protocol: str, code: str, latency_s: float, prompt_tokens: int) -> None:
         self.requests.inc(tags={"protocol": protocol, "code": code})

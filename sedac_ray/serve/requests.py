@@ -34,6 +34,8 @@ class GenerationRequest:
     sampling: SamplingParams
     stop: list[str]
     policy: ExitPolicy
+    speculative: bool = False  # lossless: exits are drafts, verified at full depth
+    stream_drafts: bool = False  # a stream also shows drafts, marked as such
 
 
 class RequestBuilder:
@@ -91,7 +93,19 @@ class RequestBuilder:
             policy = self._policy(exit_overrides or {})
         except ValueError as err:
             raise InvalidRequest(str(err)) from None
-        return GenerationRequest(prompt_ids, max_tokens, sampling, [s for s in (stop or []) if s], policy)
+        speculative = bool((exit_overrides or {}).get("speculative"))
+        stream_drafts = bool((exit_overrides or {}).get("stream_drafts"))
+        if stream_drafts and not speculative:
+            raise InvalidRequest("stream_drafts needs speculative: only speculative requests make drafts")
+        return GenerationRequest(
+            prompt_ids,
+            max_tokens,
+            sampling,
+            [s for s in (stop or []) if s],
+            policy,
+            speculative,
+            stream_drafts,
+        )
 
     def _encode(self, prompt: str | None, messages: list[dict] | None) -> list[int]:
         if messages:

@@ -14,6 +14,16 @@ Ordering of K/V: a sequence's token at position ``p`` may only run here once thi
 K/V for all positions ``< p``. Fills travel ahead of the next token but on a different message,
 so each replica keeps a per-sequence watermark and a decode row waits for it (fills never wait,
 so they always make progress). Ordering is by position, never by timing.
+
+Speculative rows (lossless mode): a row that exits is a *draft*. Its token goes back through the
+LM head at once, and the same hidden state runs on at full depth as a VERIFY row (from its exit
+layer to the end of this range, then through the deeper stages), writing exact K/V. The last
+stage keeps each verified token for the front door (:meth:`StageServer.verified`). When a draft
+proves wrong, the front door rolls the sequence back in every stage (:meth:`StageServer.rollback`):
+the watermark drops to the wrong position and the sequence's epoch grows, so rows computed from
+the wrong draft are dropped wherever they still are. Their K/V need no erasing: K/V are stored by
+position, a query never sees keys past its own position, and the watermark makes the corrected
+rows overwrite every position before any later row reads it.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ from sedac_ray.serve.errors import Overloaded, RequestTooLarge, ServeError, Unav
 from sedac_ray.serve.metrics import StageMetrics
 from sedac_ray.serve.routing import pin
 from sedac_ray.serve.transport import (
+    SPECULATIVE,
+    VERIFY,
     PrefillMessage,
     PrefillResult,
     Rows,
@@ -57,6 +69,7 @@ class _Sequence:
         self.touched = time.monotonic()  # last prefill, step or fill
         self.filled = 0  # K/V present for every position < filled
         self._ahead: set[int] = set()  # positions written out of order
+        self.epoch = 0  # speculative rollbacks so far; rows from an older epoch are dropped
         self.changed = asyncio.Event()
 
     def wrote(self, position: int) -> None:
@@ -65,6 +78,14 @@ class _Sequence:
         while self.filled in self._ahead:
             self._ahead.discard(self.filled)
             self.filled += 1
+        self.changed.set()
+
+    def rollback(self, position: int, epoch: int) -> None:
+        """Positions ``>= position`` no longer count as written; rows of older epochs are void."""
+        self.touched = time.monotonic()
+        self.epoch = epoch
+        self.filled = min(self.filled, position)
+        self._ahead = {p for p in self._ahead if p < self.filled}
         self.changed.set()
 
 
@@ -93,6 +114,8 @@ class StageServer:
         self.kv_budget_bytes = None if budget is None else int(budget * 2**20)
         self.position_bytes = _kv_bytes_per_position(loaded.model.config, end - start, self.adapter.dtype)
         self.metrics = StageMetrics(stage_index)
+        # Last stage: verified tokens of speculative rows, by sequence and (position, epoch).
+        self._verified: dict[str, dict[tuple[int, int], asyncio.Future]] = {}
         self._sweeper: asyncio.Task | None = None
         logger.info(
             f"stage {stage_index}: layers {start + 1}..{end} on {self.config.device}, KV budget "
@@ -194,8 +217,14 @@ class StageServer:
         rows that may run, and an error for each row that cannot (its sequence is gone here, or
         its K/V stopped arriving)."""
         lost: dict[str, ServeError] = {}
-        for seq_id, position in zip(rows.seq_ids, rows.positions.tolist(), strict=True):
-            while (sequence := self.sequences.get(seq_id)) is not None and sequence.filled < position:
+        for seq_id, position, epoch in zip(
+            rows.seq_ids, rows.positions.tolist(), rows.epochs.tolist(), strict=True
+        ):
+            while (
+                (sequence := self.sequences.get(seq_id)) is not None
+                and sequence.epoch == epoch
+                and sequence.filled < position
+            ):
                 sequence.changed.clear()
                 try:
                     await asyncio.wait_for(sequence.changed.wait(), self.config.step_timeout_s)
@@ -205,48 +234,68 @@ class StageServer:
                         f"{sequence.filled}; position {position} cannot run"
                     )
                     break
-            if sequence is None:
+            if sequence is None or sequence.epoch != epoch:
                 lost[seq_id] = self._gone(seq_id)
         return rows.take([i for i, s in enumerate(rows.seq_ids) if s not in lost]), lost
 
     def _gone(self, seq_id: str) -> Unavailable:
+        if seq_id in self.sequences:  # held, but the row came from before a rollback
+            return Unavailable(f"stage {self.stage_index}: this step of sequence {seq_id} was rolled back")
         return Unavailable(
             f"stage {self.stage_index} replica {self.replica_id} no longer holds sequence {seq_id}"
         )
 
+    def _current(self, rows: Rows) -> Rows:
+        """The rows whose sequence this replica holds, at the sequence's current epoch."""
+        keep = [
+            i
+            for i, (seq_id, epoch) in enumerate(zip(rows.seq_ids, rows.epochs.tolist(), strict=True))
+            if seq_id in self.sequences and self.sequences[seq_id].epoch == epoch
+        ]
+        return rows.take(keep)
+
     async def step_batch(self, messages: list[StepMessage]) -> list[dict[str, asyncio.Future]]:
         """Runs the merged batch; for each message, the downstream call that answers each row."""
         async with self.compute_lock:
-            # Rows and fills of sequences released while in flight (finished, or the client left)
-            # are dropped here, under the lock that release takes: each such row fails alone.
-            rows = Rows.concat([m.rows for m in messages])
-            rows = rows.take([i for i, s in enumerate(rows.seq_ids) if s in self.sequences])
-            fill = Rows.concat([m.fill for m in messages])
-            fill = fill.take([i for i, s in enumerate(fill.seq_ids) if s in self.sequences])
+            # Rows and fills of sequences released while in flight (finished, or the client left),
+            # or rolled back, are dropped here, under the lock that release and rollback take:
+            # each such row fails alone.
+            rows = self._current(Rows.concat([m.rows for m in messages]))
+            fill = self._current(Rows.concat([m.fill for m in messages]))
             started = time.perf_counter()
-            out = await asyncio.to_thread(self._compute, rows, fill)
+            exited, continuing, fill_out, spawned = await asyncio.to_thread(self._compute, rows, fill)
             self.compute_s += time.perf_counter() - started
-        exited, continuing, fill_out = out
+            for part in (rows, fill):
+                for seq_id, position in zip(part.seq_ids, part.positions.tolist(), strict=True):
+                    if seq_id in self.sequences:  # not released while the batch computed
+                        self.sequences[seq_id].wrote(position)
         self.rows_computed += len(rows)
         self.metrics.batch(len(rows), self.batcher.queued)
-        for part in (rows, fill):
-            for seq_id, position in zip(part.seq_ids, part.positions.tolist(), strict=True):
-                if seq_id in self.sequences:  # not released while the batch computed
-                    self.sequences[seq_id].wrote(position)
 
         futures: dict[str, asyncio.Future] = {}  # seq_id -> the downstream call carrying its row
+        verifying = exited.take(np.flatnonzero(exited.modes == VERIFY).tolist())  # last stage only
+        exited = exited.take(np.flatnonzero(exited.modes != VERIFY).tolist())
         if len(exited):
             head_call = asyncio.ensure_future(self._await(self.head.sample.remote(exited)))
             futures.update(dict.fromkeys(exited.seq_ids, head_call))
-        if self.next_stage is not None:
-            futures.update(self._send_downstream(continuing, fill_out))
+        if self.next_stage is None:
+            checked = Rows.concat([verifying, spawned])
+            if len(checked):
+                call = asyncio.ensure_future(self._keep_verified(checked))
+                futures.update(dict.fromkeys(verifying.seq_ids, call))
+                if not len(verifying):  # drafted here: nobody upstream waits for the answer
+                    call.add_done_callback(self._log_failure)
+        else:
+            futures.update(self._send_downstream(continuing, fill_out, spawned))
         for seq_id in (s for m in messages for s in m.rows.seq_ids if s not in futures):
             futures[seq_id] = asyncio.get_running_loop().create_future()
             futures[seq_id].set_exception(self._gone(seq_id))
         return [{s: futures[s] for s in m.rows.seq_ids} for m in messages]
 
-    def _compute(self, rows: Rows, fill: Rows) -> tuple[Rows, Rows, Rows]:
-        """Run this stage's layers; returns (exit group, continue group, fill group) as Rows."""
+    def _compute(self, rows: Rows, fill: Rows) -> tuple[Rows, Rows, Rows, Rows]:
+        """Run this stage's layers; returns (exit group, continue group, fill group, VERIFY rows
+        of the drafts made here) as Rows. Speculative rows run apart: their exits propagate no
+        K/V, since the drafted token runs on at full depth (:meth:`LayerRange.verify`)."""
         device = self.adapter.device
         with torch.inference_mode():
             if not len(rows):  # a batch of fills only
@@ -255,25 +304,56 @@ class StageServer:
                 hidden = self.adapter.embed_tokens(torch.from_numpy(rows.token_ids).to(device))
             else:
                 hidden = unpack_hidden(rows.hidden, rows.hidden_dtype, device)
-            token_rows = self._token_rows(rows, hidden)
+            speculative = rows.modes == SPECULATIVE
             fill_rows = None
             if len(fill):
-                fill_rows = self._token_rows(fill, unpack_hidden(fill.hidden, fill.hidden_dtype, device))
-            out = self.layers.decode(token_rows, fill_rows)
+                fill_rows = self._token_rows(
+                    fill, unpack_hidden(fill.hidden, fill.hidden_dtype, device), np.arange(len(fill))
+                )
+            out = self.layers.decode(self._token_rows(rows, hidden, np.flatnonzero(~speculative)), fill_rows)
+            exited = [self._as_rows(rows, out.exited, exited=True)]
+            continuing = [self._as_rows(rows, out.continuing, exited=False)]
+            spawned = Rows.empty()
+            if speculative.any():
+                spec = self.layers.decode(
+                    self._token_rows(rows, hidden, np.flatnonzero(speculative)), propagate=False
+                )
+                exited.append(self._as_rows(rows, spec.exited, exited=True))
+                continuing.append(self._as_rows(rows, spec.continuing, exited=False))
+                drafts = spec.exited.select(
+                    (spec.exited.exit_layer < self.adapter.num_layers).nonzero()[:, 0]
+                )
+                if len(drafts):
+                    spawned = self._verify_rows(rows, self.layers.verify(drafts, drafts.exit_layer))
         return (
-            self._as_rows(rows, out.exited, exited=True),
-            self._as_rows(rows, out.continuing, exited=False),
+            Rows.concat(exited),
+            Rows.concat(continuing),
             self._fill_as_rows(rows, fill, out.fill),
+            spawned,
         )
 
-    def _token_rows(self, rows: Rows, hidden: torch.Tensor) -> TokenRows:
+    def _verify_rows(self, source: Rows, verified: TokenRows) -> Rows:
+        """Drafted tokens, run to the end of this range, as VERIFY rows (their exit rule off)."""
+        picked = source.take(verified.ids.tolist())
+        picked.hidden, picked.hidden_dtype = pack_hidden(verified.hidden)
+        picked.token_ids = None
+        picked.modes = np.full(len(picked), VERIFY, np.int8)
+        picked.rules = picked.rules.copy()
+        picked.rules[:, 0] = np.inf  # a disabled rule: full depth from here on
+        if self.next_stage is None:
+            picked.exit_layer = np.full(len(picked), self.adapter.num_layers)
+        return picked
+
+    def _token_rows(self, rows: Rows, hidden: torch.Tensor, index: np.ndarray) -> TokenRows:
+        """Rows ``index`` of ``rows`` for the runtime; their ids are their indices in ``rows``."""
+        ids = torch.from_numpy(index.astype(np.int64))
         return TokenRows(
-            ids=torch.arange(len(rows)),
-            slots=torch.tensor([self.sequences[s].slot for s in rows.seq_ids], dtype=torch.long),
-            positions=torch.from_numpy(rows.positions),
-            hidden=hidden,
-            rules=torch.from_numpy(rows.rules),
-            state=torch.from_numpy(rows.state),
+            ids=ids,
+            slots=torch.tensor([self.sequences[rows.seq_ids[i]].slot for i in index], dtype=torch.long),
+            positions=torch.from_numpy(rows.positions[index]),
+            hidden=hidden[ids.to(hidden.device)],
+            rules=torch.from_numpy(rows.rules[index]),
+            state=torch.from_numpy(rows.state[index]),
         )
 
     def _as_rows(self, source: Rows, result: TokenRows, exited: bool) -> Rows:
@@ -298,21 +378,82 @@ class StageServer:
             parts.append(new)
         return Rows.concat(parts)
 
-    def _send_downstream(self, continuing: Rows, fill: Rows) -> dict[str, asyncio.Future]:
-        """One message per next-stage replica; returns seq_id -> call for the continuing rows."""
+    def _send_downstream(self, continuing: Rows, fill: Rows, spawned: Rows) -> dict[str, asyncio.Future]:
+        """One message per next-stage replica; returns seq_id -> call for the continuing rows.
+        ``spawned`` VERIFY rows travel along, but their answers go to the last stage's store."""
         next_index = self.stage_index + 1
-        targets = {route[next_index] for route in continuing.routes + fill.routes}
+        parts = (continuing, fill, spawned)
+        targets = {route[next_index] for part in parts for route in part.routes}
         futures: dict[str, asyncio.Future] = {}
         for target in targets:
-            rows = continuing.take([i for i, r in enumerate(continuing.routes) if r[next_index] == target])
-            fills = fill.take([i for i, r in enumerate(fill.routes) if r[next_index] == target])
-            call = self.next_stage.options(session_id=pin(target)).step.remote(StepMessage(rows, fills))
+            rows, fills, verify = (
+                part.take([i for i, r in enumerate(part.routes) if r[next_index] == target]) for part in parts
+            )
+            message = StepMessage(Rows.concat([rows, verify]), fills)
+            call = self.next_stage.options(session_id=pin(target)).step.remote(message)
             future = asyncio.ensure_future(self._await(call))
             if len(rows):
                 futures.update(dict.fromkeys(rows.seq_ids, future))
-            else:  # fills only: nobody waits for the answer, but a failure must not pass silently
+            else:  # nobody waits for the answer, but a failure must not pass silently
                 future.add_done_callback(self._log_failure)
         return futures
+
+    # ---- speculative rows: verified tokens and rollback --------------------------------------
+
+    async def _keep_verified(self, rows: Rows) -> dict[str, TokenResult]:
+        """Full-depth tokens of VERIFY rows, kept for :meth:`verified` (and returned)."""
+        keys = list(zip(rows.seq_ids, rows.positions.tolist(), rows.epochs.tolist(), strict=True))
+        try:
+            answers = await self.head.sample.remote(rows)
+        except Exception as err:
+            for key in keys:
+                self._settle(*key, error=as_serve_error(err))
+            raise
+        for key in keys:
+            self._settle(*key, answer=answers[key[0]])
+        return answers
+
+    def _settle(self, seq_id: str, position: int, epoch: int, answer=None, error=None) -> None:
+        sequence = self.sequences.get(seq_id)
+        if sequence is None or sequence.epoch != epoch:  # released or rolled back meanwhile
+            return
+        future = self._verification(seq_id, position, epoch)
+        if future.done():
+            return
+        if error is None:
+            future.set_result(answer)
+        else:
+            future.set_exception(error)
+
+    def _verification(self, seq_id: str, position: int, epoch: int) -> asyncio.Future:
+        waiting = self._verified.setdefault(seq_id, {})
+        if (position, epoch) not in waiting:
+            waiting[(position, epoch)] = asyncio.get_running_loop().create_future()
+        return waiting[(position, epoch)]
+
+    async def verified(self, seq_id: str, position: int, epoch: int) -> TokenResult:
+        """The full-depth token of the sequence's row at ``position`` (a draft's verification),
+        once it has run through every stage. Last stage only."""
+        if self.next_stage is not None:
+            raise ValueError(f"stage {self.stage_index} is not the last stage: it keeps no verified tokens")
+        if seq_id not in self.sequences:
+            raise self._gone(seq_id)
+        try:
+            return await asyncio.shield(self._verification(seq_id, position, epoch))
+        finally:
+            self._verified.get(seq_id, {}).pop((position, epoch), None)
+
+    async def rollback(self, seq_id: str, position: int, epoch: int) -> None:
+        """A draft at ``position`` proved wrong: rows of the sequence from before ``epoch`` are
+        void, and the K/V watermark drops to ``position``."""
+        async with self.compute_lock:  # not while a batch that may hold its rows computes
+            sequence = self.sequences.get(seq_id)
+            if sequence is None:
+                raise self._gone(seq_id)
+            sequence.rollback(position, epoch)
+            waiting = self._verified.get(seq_id, {})
+            for key in [k for k in waiting if k[1] < epoch]:
+                waiting.pop(key).cancel()
 
     @staticmethod
     async def _await(response):
@@ -376,6 +517,9 @@ class StageServer:
                 if sequence is not None:
                     self.layers.cache.free([sequence.slot])
                     sequence.changed.set()  # rows waiting for its K/V see that it is gone
+                for future in self._verified.pop(seq_id, {}).values():
+                    if not future.done():
+                        future.set_exception(self._gone(seq_id))
             if not self.sequences:  # idle: give the KV memory back
                 self.layers.cache.shrink(0)
         self._report_kv()

@@ -16,6 +16,11 @@ from sedac_ray.sampling import SamplingParams
 
 _BITS_AS_INT16 = {torch.bfloat16}
 
+# What a decode row is for (``Rows.mode``).
+PLAIN = 0  # early exit: a row that exits is final, deeper layers get its K/V by propagation
+SPECULATIVE = 1  # a row that exits is a draft; the same token then runs on as a VERIFY row
+VERIFY = 2  # a drafted token running the rest of the model at full depth (its rule is off)
+
 
 def pack_hidden(hidden: torch.Tensor) -> tuple[np.ndarray, str]:
     """A device tensor as a compact numpy array and the name of its torch dtype."""
@@ -38,7 +43,8 @@ def unpack_hidden(array: np.ndarray, dtype: str, device) -> torch.Tensor:
 class Rows:
     """Decode tokens of many sequences, one row each. Stage 0 receives ``token_ids``; deeper stages
     and the LM head receive ``hidden``. ``routes[i]`` names the replica of each stage that holds
-    row ``i``'s KV."""
+    row ``i``'s KV. ``epochs[i]`` counts the speculative rollbacks of row ``i``'s sequence when it
+    was sent: a stage drops rows from before its latest rollback."""
 
     seq_ids: list[str]
     positions: np.ndarray  # [n] int64, position of each row's token
@@ -50,6 +56,14 @@ class Rows:
     hidden: np.ndarray | None = None  # [n, hidden_size]
     hidden_dtype: str = "float32"
     exit_layer: np.ndarray | None = None  # [n] int64, once rows exit
+    modes: np.ndarray | None = None  # [n] int8, PLAIN / SPECULATIVE / VERIFY (None: all PLAIN)
+    epochs: np.ndarray | None = None  # [n] int64 (None: all 0)
+
+    def __post_init__(self) -> None:
+        if self.modes is None:
+            self.modes = np.full(len(self.seq_ids), PLAIN, np.int8)
+        if self.epochs is None:
+            self.epochs = np.zeros(len(self.seq_ids), np.int64)
 
     def __len__(self) -> int:
         return len(self.seq_ids)
@@ -73,6 +87,8 @@ class Rows:
             hidden=None if self.hidden is None else self.hidden[pick],
             hidden_dtype=self.hidden_dtype,
             exit_layer=None if self.exit_layer is None else self.exit_layer[pick],
+            modes=self.modes[pick],
+            epochs=self.epochs[pick],
         )
 
     @staticmethod
@@ -98,6 +114,8 @@ class Rows:
             hidden=cat("hidden"),
             hidden_dtype=parts[0].hidden_dtype,
             exit_layer=cat("exit_layer"),
+            modes=cat("modes"),
+            epochs=cat("epochs"),
         )
 
 

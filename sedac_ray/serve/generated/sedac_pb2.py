@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%sedac_ray/serve/generated/sedac.proto\x12\x08sedac.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x93\x01\n\nExitConfig\x12\x0f\n\x07\x64isable\x18\x01 \x01(\x08\x12\x10\n\x03tau\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x01k\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x16\n\tmin_layer\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x13\n\x06window\x18\x05 \x01(\rH\x03\x88\x01\x01\x42\x06\n\x04_tauB\x04\n\x02_kB\x0c\n\n_min_layerB\t\n\x07_window\"\xd1\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.sedac.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\"\n\x04\x65xit\x18\x08 \x01(\x0b\x32\x14.sedac.v1.ExitConfig\x12\r\n\x05model\x18\t \x01(\t\"\xb3\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x65xit_layers\x18\x03 \x03(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x13\n\x0bmean_layers\x18\x07 \x01(\x02\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\x91\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x12\n\nexit_layer\x18\x03 \x01(\r\x12\r\n\x05index\x18\x04 \x01(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\t2\x99\x01\n\x0cSedacService\x12\x41\n\x08Generate\x12\x19.sedac.v1.GenerateRequest\x1a\x1a.sedac.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.sedac.v1.GenerateRequest\x1a\x17.sedac.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%sedac_ray/serve/generated/sedac.proto\x12\x08sedac.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbf\x01\n\nExitConfig\x12\x0f\n\x07\x64isable\x18\x01 \x01(\x08\x12\x10\n\x03tau\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x01k\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x16\n\tmin_layer\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x13\n\x06window\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x13\n\x0bspeculative\x18\x06 \x01(\x08\x12\x15\n\rstream_drafts\x18\x07 \x01(\x08\x42\x06\n\x04_tauB\x04\n\x02_kB\x0c\n\n_min_layerB\t\n\x07_window\"\x83\x01\n\x10SpeculativeStats\x12\x0e\n\x06\x64rafts\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x13\n\x0brolled_back\x18\x03 \x01(\r\x12\x15\n\rverifications\x18\x04 \x01(\r\x12\x11\n\trollbacks\x18\x05 \x01(\r\x12\x0e\n\x06\x64irect\x18\x06 \x01(\r\"\xd1\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.sedac.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\"\n\x04\x65xit\x18\x08 \x01(\x0b\x32\x14.sedac.v1.ExitConfig\x12\r\n\x05model\x18\t \x01(\t\"\xe4\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x13\n\x0b\x65xit_layers\x18\x03 \x03(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x13\n\x0bmean_layers\x18\x07 \x01(\x02\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12/\n\x0bspeculative\x18\t \x01(\x0b\x32\x1a.sedac.v1.SpeculativeStats\"\xd1\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x12\n\nexit_layer\x18\x03 \x01(\r\x12\r\n\x05index\x18\x04 \x01(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\r\n\x05\x64raft\x18\x08 \x01(\x08\x12/\n\x0bspeculative\x18\t \x01(\x0b\x32\x1a.sedac.v1.SpeculativeStats2\x99\x01\n\x0cSedacService\x12\x41\n\x08Generate\x12\x19.sedac.v1.GenerateRequest\x1a\x1a.sedac.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.sedac.v1.GenerateRequest\x1a\x17.sedac.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=51
   _globals['_CHATMESSAGE']._serialized_end=95
   _globals['_EXITCONFIG']._serialized_start=98
-  _globals['_EXITCONFIG']._serialized_end=245
-  _globals['_GENERATEREQUEST']._serialized_start=248
-  _globals['_GENERATEREQUEST']._serialized_end=457
-  _globals['_GENERATERESPONSE']._serialized_start=460
-  _globals['_GENERATERESPONSE']._serialized_end=639
-  _globals['_GENERATECHUNK']._serialized_start=642
-  _globals['_GENERATECHUNK']._serialized_end=787
-  _globals['_SEDACSERVICE']._serialized_start=790
-  _globals['_SEDACSERVICE']._serialized_end=943
+  _globals['_EXITCONFIG']._serialized_end=289
+  _globals['_SPECULATIVESTATS']._serialized_start=292
+  _globals['_SPECULATIVESTATS']._serialized_end=423
+  _globals['_GENERATEREQUEST']._serialized_start=426
+  _globals['_GENERATEREQUEST']._serialized_end=635
+  _globals['_GENERATERESPONSE']._serialized_start=638
+  _globals['_GENERATERESPONSE']._serialized_end=866
+  _globals['_GENERATECHUNK']._serialized_start=869
+  _globals['_GENERATECHUNK']._serialized_end=1078
+  _globals['_SEDACSERVICE']._serialized_start=1081
+  _globals['_SEDACSERVICE']._serialized_end=1234
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,150 @@
+"""Lossless speculative decoding across pipeline stages: the front door's side of one sequence.
+
+A speculative row that exits at some layer comes back at once as a *draft*, and the front door
+steps the sequence on from it while the same token runs on at full depth through the deeper
+stages (see :mod:`sedac_ray.serve.stage`). So the next token already computes in the shallow
+stages while the deeper ones verify the last: the overlap of DESIGN §3, scheme A.
+
+* Each draft's verification is the full-depth token for the same position, kept by the last
+  stage; drafts are committed in order once verified, and only verified tokens are committed.
+* A wrong draft is replaced by its verified token; the steps taken from it are void, and every
+  stage rolls the sequence back to that position (a new epoch) before decoding resumes.
+* A row that runs the whole model without exiting is exact as soon as its input is.
+* At most ``draft_limit`` unverified tokens are ahead of the committed ones.
+
+So the output equals full-depth decoding token for token, whatever the exit rule drafts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from sedac_ray.completion import Completion
+from sedac_ray.serve.transport import TokenResult
+from sedac_ray.speculative import SpeculativeStats
+
+# (position, input token, epoch) -> the row's result: a draft, or a full-depth token
+Step = Callable[[int, int, int], Awaitable[TokenResult]]
+# (position, epoch) -> the full-depth token of that row
+Verify = Callable[[int, int], Awaitable[TokenResult]]
+# (first void position, new epoch) -> done in every stage
+Rollback = Callable[[int, int], Awaitable[None]]
+
+
+@dataclass
+class _Pending:
+    position: int  # position of the row that produced it; the token sits at position + 1
+    token: int
+    exit_layer: int
+    check: asyncio.Future | None  # its verification; None: it ran full depth
+
+
+@dataclass
+class Committed:
+    token: int
+    exit_layer: int  # the draft's exit layer for an accepted draft; full depth otherwise
+    draft: bool = False  # True: an unverified draft, shown to clients who asked for drafts
+
+
+class SpeculativeDecode:
+    def __init__(
+        self,
+        completion: Completion,
+        prompt_length: int,
+        num_layers: int,
+        draft_limit: int,
+        step: Step,
+        verify: Verify,
+        rollback: Rollback,
+    ):
+        self.completion = completion
+        self.prompt_length = prompt_length
+        self.num_layers = num_layers
+        self.draft_limit = draft_limit
+        self._step, self._verify, self._rollback = step, verify, rollback
+        self.epoch = 0
+        self.stats = SpeculativeStats()
+        self.pending: deque[_Pending] = deque()  # unverified tokens, oldest first
+        self._stepping: asyncio.Future | None = None
+        self._stepping_position = 0
+
+    async def run(self, show_drafts: bool = False) -> AsyncIterator[Committed]:
+        """Commits tokens into the completion (whose first token is already there) until it
+        finishes, yielding each (and each draft, with ``show_drafts``)."""
+        try:
+            while not self.completion.finished:
+                self._maybe_step()
+                head = self.pending[0] if self.pending else None
+                if head is not None and head.check is None:  # full depth: exact now
+                    self.stats.direct += 1
+                    yield self._commit(self.pending.popleft())
+                    continue
+                waiting = [f for f in (self._stepping, head and head.check) if f is not None]
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if head is not None and head.check.done():
+                    async for committed in self._settle(head):
+                        yield committed
+                elif self._stepping is not None and self._stepping.done():
+                    draft = self._drafted(self._stepping.result())
+                    if draft is not None and show_drafts:
+                        yield Committed(draft.token, draft.exit_layer, draft=True)
+        finally:  # drafts past the end (or of a request that failed) are discarded too
+            self.stats.rolled_back += sum(p.check is not None for p in self.pending)
+            self._discard()
+
+    def _maybe_step(self) -> None:
+        """Step from the newest token, if none is stepping and the drafts may run further."""
+        tokens = len(self.completion.token_ids) + len(self.pending)
+        newest = self.pending[-1].token if self.pending else self.completion.token_ids[-1]
+        if (
+            self._stepping is not None
+            or len(self.pending) >= self.draft_limit
+            or tokens >= self.completion.max_tokens
+            or newest in self.completion.eos_ids
+        ):
+            return
+        self._stepping_position = self.prompt_length + tokens - 1
+        self._stepping = asyncio.ensure_future(self._step(self._stepping_position, newest, self.epoch))
+
+    def _drafted(self, result: TokenResult) -> _Pending | None:
+        """Queue a step's result; returns it if it is a draft."""
+        position, self._stepping = self._stepping_position, None
+        if result.exit_layer >= self.num_layers:
+            self.pending.append(_Pending(position, result.token, result.exit_layer, None))
+            return None
+        self.stats.drafts += 1
+        check = asyncio.ensure_future(self._verify(position, self.epoch))
+        self.pending.append(_Pending(position, result.token, result.exit_layer, check))
+        return self.pending[-1]
+
+    async def _settle(self, draft: _Pending) -> AsyncIterator[Committed]:
+        """The oldest draft is verified: commit it, or roll back to its position."""
+        verified = draft.check.result()
+        self.pending.popleft()
+        self.stats.verifications += 1
+        if verified.token == draft.token:
+            self.stats.accepted += 1
+            yield self._commit(draft)
+            return
+        self.stats.rollbacks += 1
+        self.stats.rolled_back += 1 + sum(p.check is not None for p in self.pending)
+        self._discard()
+        yield self._commit(_Pending(draft.position, verified.token, self.num_layers, None))
+        if not self.completion.finished:
+            self.epoch += 1
+            await self._rollback(draft.position + 1, self.epoch)
+
+    def _commit(self, pending: _Pending) -> Committed:
+        self.completion.add(pending.token, pending.exit_layer)
+        return Committed(pending.token, pending.exit_layer)
+
+    def _discard(self) -> None:
+        """Drop the step in flight and every unverified draft (they came from a void token)."""
+        for future in [self._stepping, *(p.check for p in self.pending)]:
+            if future is not None:
+                future.cancel()
+        self._stepping = None
+        self.pending.clear()
