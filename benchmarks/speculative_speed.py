@@ -14,10 +14,14 @@ rate and tokens per verification.
 A cost probe times one decoder layer and the LM head at 1..8 rows with 1 and 2 torch threads, and
 the K/V fill of exited tokens: the per-layer costs the pipeline simulator is calibrated with.
 
-Rows carry ``system: "engine"``; pipeline rows (the same keys, ``system: "pipeline"``) belong in
-``pipeline_rows``. Prints a table, writes JSON and a plot.
+With ``--pipeline`` the same modes also run through the 3-stage Ray Serve pipeline on a local
+Ray (2 CPUs), as concurrent HTTP requests (rows with ``system: "pipeline"``). EOS ends those
+requests (the API has no ignore-EOS switch), so their throughput counts the tokens produced, and
+agreement is against the pipeline's own no-exit run (itself equal to HF greedy, see the tests).
 
-    .venv/bin/python benchmarks/speculative_speed.py [--rounds 3] [--new-tokens 48] [--out PATH]
+Prints a table, writes JSON and a plot.
+
+    .venv/bin/python benchmarks/speculative_speed.py [--rounds 3] [--new-tokens 48] [--pipeline] [--out PATH]
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import os
 import platform
 import statistics
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +134,94 @@ def engine_rows(engine: Engine, prompt_ids: list[list[int]], args) -> list[dict]
     return rows
 
 
+def pipeline_rows(prompts: list[str], args) -> list[dict]:
+    """The same modes through the served pipeline; rounds interleaved, medians reported."""
+    from sedac_ray.serve.local_cluster import LocalPipeline
+
+    pipeline = LocalPipeline.start({"stages": 3, "replica_cpus": 0.1}, num_cpus=2)
+    url = f"{pipeline.http_url}/v1/chat/completions"
+
+    def call(prompt: str, config: Config) -> dict:
+        sedac: dict = {"disable_exit": True}
+        if config.mode != "no exit":
+            policy = POLICIES[config.policy_name]
+            sedac = {"tau": policy.tau, "k": policy.k, "min_layer": policy.min_layer}
+            sedac["speculative"] = config.mode == "speculative"
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": args.new_tokens}
+        request = urllib.request.Request(
+            url,
+            data=json.dumps({**body, "sedac": sedac}).encode(),
+            headers={"content-type": "application/json"},
+            method="POST",
+        )
+        start = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=600) as response:
+            answer = json.loads(response.read())
+        return {**answer, "latency_s": time.perf_counter() - start}
+
+    def run(config: Config) -> tuple[float, list[dict]]:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(config.batch) as pool:
+            answers = list(pool.map(lambda p: call(p, config), prompts[: config.batch]))
+        return time.perf_counter() - start, answers
+
+    todo = [c for c in configs(args.batches) if c.mode != "prefill"]
+    run(todo[0])  # warm-up
+    times: dict[Config, list[float]] = {config: [] for config in todo}
+    answers: dict[Config, list[dict]] = {}
+    for round_no in range(args.pipeline_rounds):
+        for config in todo:
+            seconds, answers[config] = run(config)
+            times[config].append(seconds)
+        print(f"pipeline round {round_no + 1}/{args.pipeline_rounds} done", flush=True)
+    pipeline.stop()
+
+    rows = []
+    for config in todo:
+        mine = answers[config]
+        reference = answers[Config("no exit", "-", config.batch)]
+        same = [
+            a == b
+            for ours, theirs in zip(mine, reference, strict=True)
+            for a, b in zip(ours["choices"][0]["token_ids"], theirs["choices"][0]["token_ids"], strict=False)
+        ]
+        tokens = sum(len(a["choices"][0]["token_ids"]) for a in mine)
+        median = statistics.median(times[config])
+        row = {
+            "system": "pipeline",
+            "mode": config.mode,
+            "policy": config.policy_name,
+            "batch": config.batch,
+            "draft_limit": DRAFT_LIMIT if config.mode == "speculative" else None,
+            "seconds_median": median,
+            "seconds_all": times[config],
+            "tokens_per_s": tokens / median,
+            "tpot_ms": statistics.median(
+                1000 * a["latency_s"] / len(a["choices"][0]["token_ids"]) for a in mine
+            ),
+            "decode_step_ms": float("nan"),
+            "agreement": sum(same) / len(same),
+            "identical_sequences": sum(
+                a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
+                for a, b in zip(mine, reference, strict=True)
+            ),
+            "mean_exit_layer": statistics.fmean(x for a in mine for x in a["choices"][0]["exit_layers"][1:]),
+            "exit_layers": [a["choices"][0]["exit_layers"][1:] for a in mine],
+        }
+        if config.mode == "speculative":
+            stats = sum(
+                (SpeculativeStats(**_counts(a["usage"]["speculative"])) for a in mine), SpeculativeStats()
+            )
+            row["speculative"] = stats.as_dict()
+        rows.append(row)
+    return rows
+
+
+def _counts(stats: dict) -> dict:
+    names = ("drafts", "accepted", "rolled_back", "verifications", "rollbacks", "direct")
+    return {name: stats[name] for name in names}
+
+
 def cost_probe(engine: Engine, prompt_ids: list[list[int]], repeats: int) -> dict:
     """Median ms of one decoder layer (all 30 run, divided), the head, and a K/V fill, at 1..8 rows.
     Every measurement is taken once per round, rounds repeated: load drift hits all alike."""
@@ -223,9 +317,12 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(7.5 * len(batches), 4))
-    for ax, batch in zip(axes if len(batches) > 1 else [axes], batches, strict=True):
-        mine = [r for r in rows if r["batch"] == batch]
+    systems = sorted({r["system"] for r in rows})
+    fig, axes = plt.subplots(
+        len(systems), len(batches), figsize=(7.5 * len(batches), 4 * len(systems)), squeeze=False
+    )
+    for ax, (system, batch) in zip(axes.flat, [(s, b) for s in systems for b in batches], strict=True):
+        mine = [r for r in rows if r["batch"] == batch and r["system"] == system]
         labels = [r["mode"] if r["policy"] == "-" else f"{r['mode']}\n{r['policy']}" for r in mine]
         colors = [
             {"no exit": "grey", "early exit": "tab:blue", "speculative": "tab:green"}[r["mode"]] for r in mine
@@ -233,7 +330,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.bar(range(len(mine)), [r["tokens_per_s"] for r in mine], color=colors)
         ax.set_xticks(range(len(mine)), labels, fontsize=7)
         ax.set_ylabel("tokens/s")
-        ax.set_title(f"engine, batch {batch} (agreement with full depth on each bar)")
+        ax.set_title(f"{system}, batch {batch} (agreement with full depth on each bar)")
         for i, r in enumerate(mine):
             ax.annotate(f"{r['agreement']:.2f}", (i, r["tokens_per_s"]), ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
@@ -248,6 +345,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--probe-repeats", type=int, default=25)
+    parser.add_argument("--pipeline", action="store_true", help="also run the modes through the pipeline")
+    parser.add_argument("--pipeline-rounds", type=int, default=2)
     parser.add_argument(
         "--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a shared machine"
     )
@@ -260,6 +359,8 @@ def main() -> None:
     engine = Engine(loaded, ExitPolicy.disabled(), draft_limit=DRAFT_LIMIT)
     prompt_ids = [engine.encode(p, chat=True) for p in PROMPTS]
     rows = engine_rows(engine, prompt_ids, args)
+    if args.pipeline:
+        rows += pipeline_rows(PROMPTS, args)
     probe = cost_probe(engine, prompt_ids, args.probe_repeats)
     print_table(rows)
     for name, entry in probe.items():

@@ -206,3 +206,67 @@ def test_cli_speculative_json_reports_statistics(smollm2, capsys):
     assert out["token_ids"] == hf_greedy(smollm2.model, out["prompt_token_ids"], 8)
     assert out["speculative"]["drafts"] == out["speculative"]["accepted"] + out["speculative"]["rolled_back"]
     assert {"tokens_per_verification", "acceptance_rate", "verifications"} <= set(out["speculative"])
+
+
+# ---- the front door's speculative loop (serve/speculation.py) against a scripted pipeline -------
+
+
+def _truth(position: int) -> int:
+    """The full-depth token at ``position`` of a made-up sequence."""
+    return 100 + (position * 7919) % 997
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pipeline_speculation_commits_exactly_the_verified_sequence(seed):
+    """Drafts are right or wrong by a seeded pattern, rows and verifications come back after random
+    delays; the committed tokens must be the true sequence, rollbacks must name the first void
+    position, and no step may run from a void token."""
+    import asyncio
+    import random
+
+    from sedac_ray.serve.speculation import SpeculativeDecode
+    from sedac_ray.serve.transport import TokenResult
+
+    rng = random.Random(seed)
+    prompt_length, max_tokens = 5, 24
+    wrong = {p for p in range(prompt_length, prompt_length + max_tokens + 8) if rng.random() < 0.3}
+    full_depth = {p for p in range(prompt_length, prompt_length + max_tokens + 8) if rng.random() < 0.2}
+    log = {"rollbacks": [], "void_steps": 0}
+    epoch_now = [0]
+
+    async def step(position: int, token: int, epoch: int) -> TokenResult:
+        assert epoch == epoch_now[0]  # never a step from before the latest rollback
+        await asyncio.sleep(rng.random() * 0.004)
+        if token != _truth(position):  # its input is a wrong draft: whatever it says is void
+            log["void_steps"] += 1
+            return TokenResult(token + 1, 4)
+        if position in full_depth:
+            return TokenResult(_truth(position + 1), 30)
+        draft = _truth(position + 1) + (1 if position in wrong else 0)
+        return TokenResult(draft, 4)
+
+    async def verify(position: int, epoch: int) -> TokenResult:
+        await asyncio.sleep(rng.random() * 0.01)
+        return TokenResult(_truth(position + 1), 30)
+
+    async def rollback(position: int, epoch: int) -> None:
+        log["rollbacks"].append(position)
+        epoch_now[0] = epoch
+
+    async def decode():
+        completion = Completion(tokenizer=None, max_tokens=max_tokens, eos_ids=set())
+        completion.add(_truth(prompt_length), 30)  # the prefill's token
+        spec = SpeculativeDecode(completion, prompt_length, 30, 3, step, verify, rollback)
+        shown = [c async for c in spec.run(show_drafts=True)]
+        return completion, spec.stats, shown
+
+    completion, stats, shown = asyncio.run(decode())
+    expected = [_truth(prompt_length + i) for i in range(max_tokens)]
+    assert completion.token_ids == expected
+    assert [c.token for c in shown if not c.draft] == expected[1:]
+    assert stats.drafts == sum(c.draft for c in shown) == stats.accepted + stats.rolled_back
+    assert len(completion.token_ids) == 1 + stats.direct + stats.accepted + stats.rollbacks
+    # Every rollback is at a position whose draft was wrong, and each wrong draft that was
+    # verified caused exactly one.
+    assert all(p - 1 in wrong for p in log["rollbacks"]) and len(log["rollbacks"]) == stats.rollbacks
+    assert stats.rollbacks > 0 and stats.accepted > 0
