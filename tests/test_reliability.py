@@ -62,6 +62,18 @@ HTTP_CASES = {
     "oversized body": ("/v1/completions", {"prompt": "x" * 70_000}, 413, "the limit is 65536"),
     "unknown model": ("/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 400, "is not served here"),
     "no messages": ("/v1/chat/completions", {"messages": []}, 422, "at least 1"),
+    "drafts without speculative": (
+        "/v1/completions",
+        {"prompt": "hi", "sedac": {"stream_drafts": True}},
+        400,
+        "stream_drafts needs speculative",
+    ),
+    "speculative not a bool": (
+        "/v1/completions",
+        {"prompt": "hi", "sedac": {"speculative": 1}},
+        422,
+        "sedac",
+    ),
 }
 
 # gRPC: a GenerateRequest (or raw bytes) and part of the INVALID_ARGUMENT message. Negative numbers
@@ -73,6 +85,10 @@ GRPC_CASES = {
         "role must be one of",
     ),
     "bytes not UTF-8": (b"\x0a\x02\xff\xfe", "string fields must be UTF-8"),
+    "drafts without speculative": (
+        sedac_pb2.GenerateRequest(prompt="hi", exit=sedac_pb2.ExitConfig(stream_drafts=True)),
+        "stream_drafts needs speculative",
+    ),
     "prompt past context": (sedac_pb2.GenerateRequest(prompt="word " * 9000), "context of 8192"),
     "max_tokens past context": (sedac_pb2.GenerateRequest(prompt="hi", max_tokens=9000), "context of 8192"),
     "tau NaN": (
@@ -293,6 +309,11 @@ def test_http_client_disconnect_frees_kv(pipeline):
 def test_metrics_endpoint_exposes_the_named_series(pipeline):
     post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "sedac": {"tau": 0.97}})
     post(pipeline, "/v1/completions", {"prompt": ""})
+    speculative = {"tau": 0.97, "k": 3, "speculative": True}
+    status, body, _ = post(
+        pipeline, "/v1/completions", {"prompt": "The sea is", "max_tokens": 16, "sedac": speculative}
+    )
+    assert status == 200 and body["usage"]["speculative"]["drafts"] > 0, body
     wanted = [
         "ray_sedac_requests_total",
         "ray_sedac_errors_total",
@@ -304,6 +325,8 @@ def test_metrics_endpoint_exposes_the_named_series(pipeline):
         "ray_sedac_stage_queue_depth",
         "ray_sedac_kv_bytes",
         "ray_sedac_kv_sequences",
+        "ray_sedac_speculative_drafts_total",
+        "ray_sedac_speculative_verifications_total",
     ]
     deadline = time.monotonic() + 30
     while True:

@@ -57,12 +57,16 @@ class PipelineDriver:
         # its members to come back (each streams its token first) before it steps again.
         # Speculative sequences step whenever a draft comes back, so no group waits for them.
         self.decoding = 0  # plain sequences past prefill and not finished
+        self.speculating = 0  # speculative ones
         self.steps = Batcher(
             self._step_many,
             max_size=config.max_batch_size,
             wait_s=config.step_gather_timeout_s,
             max_in_flight=config.steps_in_flight,
-            target=lambda: -(-self.decoding // config.steps_in_flight),
+            target=lambda: (
+                -(-self.decoding // config.steps_in_flight),
+                -(-(self.decoding + self.speculating) // config.steps_in_flight),
+            ),
         )
         self._releases: set[asyncio.Task] = set()  # kept referenced until done
         self.retries = 0
@@ -127,8 +131,12 @@ class PipelineDriver:
             completion.add(step.token, step.exit_layer)
             yield self._event(completion, step.exit_layer)
             if request.speculative:
-                async for event in self._speculate(seq_id, route, request, completion, deadline):
-                    yield event
+                self.speculating += 1
+                try:
+                    async for event in self._speculate(seq_id, route, request, completion, deadline):
+                        yield event
+                finally:
+                    self.speculating -= 1
                 return
             decoding = True
             self.decoding += 1
@@ -185,14 +193,6 @@ class PipelineDriver:
         deadline: float,
     ) -> AsyncIterator[TokenEvent]:
         last = self.stages[-1].options(session_id=pin(route[-1]))
-
-        async def rollback(position: int, epoch: int) -> None:
-            calls = [
-                stage.options(session_id=pin(replica)).rollback.remote(seq_id, position, epoch)
-                for stage, replica in zip(self.stages, route, strict=True)
-            ]
-            await self._within(asyncio.gather(*calls), deadline)
-
         decode = SpeculativeDecode(
             completion,
             prompt_length=len(request.prompt_ids),
@@ -204,7 +204,6 @@ class PipelineDriver:
             verify=lambda position, epoch: self._within(
                 last.verified.remote(seq_id, position, epoch), deadline
             ),
-            rollback=rollback,
         )
         completion.speculative = decode.stats
         async for item in decode.run(show_drafts=request.stream_drafts):

@@ -31,11 +31,17 @@ class HeadServer:
     async def sample_batch(self, messages: list[Rows]) -> list[dict[str, TokenResult]]:
         rows = Rows.concat(messages)
         tokens = await asyncio.to_thread(self._choose, rows)
-        chosen = {
-            seq_id: TokenResult(token, int(layer))
-            for seq_id, token, layer in zip(rows.seq_ids, tokens, rows.exit_layer.tolist(), strict=True)
-        }
-        return [{seq_id: chosen[seq_id] for seq_id in m.seq_ids} for m in messages]
+        chosen = [
+            TokenResult(token, int(layer))
+            for token, layer in zip(tokens, rows.exit_layer.tolist(), strict=True)
+        ]
+        # Split by message, not by sequence: a speculative sequence may have two rows here at once
+        # (a draft from one stage and the verification of its previous token from another).
+        answers, start = [], 0
+        for message in messages:
+            answers.append(dict(zip(message.seq_ids, chosen[start : start + len(message)], strict=True)))
+            start += len(message)
+        return answers
 
     def _choose(self, rows: Rows) -> list[int]:
         with torch.inference_mode():

@@ -7,8 +7,9 @@ stages while the deeper ones verify the last: the overlap of DESIGN §3, scheme 
 
 * Each draft's verification is the full-depth token for the same position, kept by the last
   stage; drafts are committed in order once verified, and only verified tokens are committed.
-* A wrong draft is replaced by its verified token; the steps taken from it are void, and every
-  stage rolls the sequence back to that position (a new epoch) before decoding resumes.
+* A wrong draft is replaced by its verified token, and the steps taken from it are void: decoding
+  resumes from that position with a new epoch (the position itself), which rolls the sequence
+  back in each stage as the first row of the epoch gets there (no extra round trip).
 * A row that runs the whole model without exiting is exact as soon as its input is.
 * At most ``draft_limit`` unverified tokens are ahead of the committed ones.
 
@@ -30,8 +31,6 @@ from sedac_ray.speculative import SpeculativeStats
 Step = Callable[[int, int, int], Awaitable[TokenResult]]
 # (position, epoch) -> the full-depth token of that row
 Verify = Callable[[int, int], Awaitable[TokenResult]]
-# (first void position, new epoch) -> done in every stage
-Rollback = Callable[[int, int], Awaitable[None]]
 
 
 @dataclass
@@ -58,14 +57,13 @@ class SpeculativeDecode:
         draft_limit: int,
         step: Step,
         verify: Verify,
-        rollback: Rollback,
     ):
         self.completion = completion
         self.prompt_length = prompt_length
         self.num_layers = num_layers
         self.draft_limit = draft_limit
-        self._step, self._verify, self._rollback = step, verify, rollback
-        self.epoch = 0
+        self._step, self._verify = step, verify
+        self.epoch = 0  # the position of the latest rollback
         self.stats = SpeculativeStats()
         self.pending: deque[_Pending] = deque()  # unverified tokens, oldest first
         self._stepping: asyncio.Future | None = None
@@ -85,8 +83,7 @@ class SpeculativeDecode:
                 waiting = [f for f in (self._stepping, head and head.check) if f is not None]
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if head is not None and head.check.done():
-                    async for committed in self._settle(head):
-                        yield committed
+                    yield self._settle(head)
                 elif self._stepping is not None and self._stepping.done():
                     draft = self._drafted(self._stepping.result())
                     if draft is not None and show_drafts:
@@ -120,22 +117,19 @@ class SpeculativeDecode:
         self.pending.append(_Pending(position, result.token, result.exit_layer, check))
         return self.pending[-1]
 
-    async def _settle(self, draft: _Pending) -> AsyncIterator[Committed]:
-        """The oldest draft is verified: commit it, or roll back to its position."""
+    def _settle(self, draft: _Pending) -> Committed:
+        """The oldest draft is verified: commit it, or its verified token, rolling back there."""
         verified = draft.check.result()
         self.pending.popleft()
         self.stats.verifications += 1
         if verified.token == draft.token:
             self.stats.accepted += 1
-            yield self._commit(draft)
-            return
+            return self._commit(draft)
         self.stats.rollbacks += 1
         self.stats.rolled_back += 1 + sum(p.check is not None for p in self.pending)
         self._discard()
-        yield self._commit(_Pending(draft.position, verified.token, self.num_layers, None))
-        if not self.completion.finished:
-            self.epoch += 1
-            await self._rollback(draft.position + 1, self.epoch)
+        self.epoch = draft.position + 1  # where the wrong draft sat: everything from there is void
+        return self._commit(_Pending(draft.position, verified.token, self.num_layers, None))
 
     def _commit(self, pending: _Pending) -> Committed:
         self.completion.add(pending.token, pending.exit_layer)

@@ -19,11 +19,12 @@ Speculative rows (lossless mode): a row that exits is a *draft*. Its token goes 
 LM head at once, and the same hidden state runs on at full depth as a VERIFY row (from its exit
 layer to the end of this range, then through the deeper stages), writing exact K/V. The last
 stage keeps each verified token for the front door (:meth:`StageServer.verified`). When a draft
-proves wrong, the front door rolls the sequence back in every stage (:meth:`StageServer.rollback`):
-the watermark drops to the wrong position and the sequence's epoch grows, so rows computed from
-the wrong draft are dropped wherever they still are. Their K/V need no erasing: K/V are stored by
-position, a query never sees keys past its own position, and the watermark makes the corrected
-rows overwrite every position before any later row reads it.
+proves wrong, the front door resumes from the verified token at that position, with a new epoch:
+the position it rolled back to. The first row of a newer epoch that reaches a replica rolls the
+sequence back there (the watermark drops to that position), and rows of older epochs, computed
+from the wrong draft, are dropped wherever they still are. Their K/V need no erasing: K/V are
+stored by position, a query never sees keys past its own position, and the watermark makes the
+corrected rows overwrite every position before any later row reads it.
 """
 
 from __future__ import annotations
@@ -69,22 +70,24 @@ class _Sequence:
         self.touched = time.monotonic()  # last prefill, step or fill
         self.filled = 0  # K/V present for every position < filled
         self._ahead: set[int] = set()  # positions written out of order
-        self.epoch = 0  # speculative rollbacks so far; rows from an older epoch are dropped
+        self.epoch = 0  # position of the latest speculative rollback; older rows are void
         self.changed = asyncio.Event()
 
-    def wrote(self, position: int) -> None:
+    def wrote(self, position: int, epoch: int = 0) -> None:
         self.touched = time.monotonic()
+        if epoch != self.epoch:  # computed from a token rolled back meanwhile
+            return
         self._ahead.add(position)
         while self.filled in self._ahead:
             self._ahead.discard(self.filled)
             self.filled += 1
         self.changed.set()
 
-    def rollback(self, position: int, epoch: int) -> None:
-        """Positions ``>= position`` no longer count as written; rows of older epochs are void."""
+    def rollback(self, epoch: int) -> None:
+        """Positions ``>= epoch`` no longer count as written; rows of older epochs are void."""
         self.touched = time.monotonic()
         self.epoch = epoch
-        self.filled = min(self.filled, position)
+        self.filled = min(self.filled, epoch)
         self._ahead = {p for p in self._ahead if p < self.filled}
         self.changed.set()
 
@@ -220,6 +223,7 @@ class StageServer:
         for seq_id, position, epoch in zip(
             rows.seq_ids, rows.positions.tolist(), rows.epochs.tolist(), strict=True
         ):
+            self._catch_up(seq_id, epoch)
             while (
                 (sequence := self.sequences.get(seq_id)) is not None
                 and sequence.epoch == epoch
@@ -237,6 +241,17 @@ class StageServer:
             if sequence is None or sequence.epoch != epoch:
                 lost[seq_id] = self._gone(seq_id)
         return rows.take([i for i, s in enumerate(rows.seq_ids) if s not in lost]), lost
+
+    def _catch_up(self, seq_id: str, epoch: int) -> None:
+        """A row of a newer epoch rolls its sequence back here (a batch computing now may still
+        write older rows' K/V; their positions are rewritten before anything reads them)."""
+        sequence = self.sequences.get(seq_id)
+        if sequence is None or epoch <= sequence.epoch:
+            return
+        sequence.rollback(epoch)
+        waiting = self._verified.get(seq_id, {})
+        for key in [k for k in waiting if k[1] < epoch]:
+            waiting.pop(key).cancel()
 
     def _gone(self, seq_id: str) -> Unavailable:
         if seq_id in self.sequences:  # held, but the row came from before a rollback
@@ -257,18 +272,20 @@ class StageServer:
     async def step_batch(self, messages: list[StepMessage]) -> list[dict[str, asyncio.Future]]:
         """Runs the merged batch; for each message, the downstream call that answers each row."""
         async with self.compute_lock:
-            # Rows and fills of sequences released while in flight (finished, or the client left),
-            # or rolled back, are dropped here, under the lock that release and rollback take:
-            # each such row fails alone.
+            # Rows and fills of sequences released while in flight (finished, or the client left)
+            # are dropped here, under the lock that release takes, and so are rows of an epoch
+            # rolled back meanwhile: each such row fails alone.
             rows = self._current(Rows.concat([m.rows for m in messages]))
             fill = self._current(Rows.concat([m.fill for m in messages]))
             started = time.perf_counter()
             exited, continuing, fill_out, spawned = await asyncio.to_thread(self._compute, rows, fill)
             self.compute_s += time.perf_counter() - started
             for part in (rows, fill):
-                for seq_id, position in zip(part.seq_ids, part.positions.tolist(), strict=True):
+                for seq_id, position, epoch in zip(
+                    part.seq_ids, part.positions.tolist(), part.epochs.tolist(), strict=True
+                ):
                     if seq_id in self.sequences:  # not released while the batch computed
-                        self.sequences[seq_id].wrote(position)
+                        self.sequences[seq_id].wrote(position, epoch)
         self.rows_computed += len(rows)
         self.metrics.batch(len(rows), self.batcher.queued)
 
@@ -398,7 +415,7 @@ class StageServer:
                 future.add_done_callback(self._log_failure)
         return futures
 
-    # ---- speculative rows: verified tokens and rollback --------------------------------------
+    # ---- speculative rows: verified tokens ------------------------------------------------
 
     async def _keep_verified(self, rows: Rows) -> dict[str, TokenResult]:
         """Full-depth tokens of VERIFY rows, kept for :meth:`verified` (and returned)."""
@@ -442,18 +459,6 @@ class StageServer:
             return await asyncio.shield(self._verification(seq_id, position, epoch))
         finally:
             self._verified.get(seq_id, {}).pop((position, epoch), None)
-
-    async def rollback(self, seq_id: str, position: int, epoch: int) -> None:
-        """A draft at ``position`` proved wrong: rows of the sequence from before ``epoch`` are
-        void, and the K/V watermark drops to ``position``."""
-        async with self.compute_lock:  # not while a batch that may hold its rows computes
-            sequence = self.sequences.get(seq_id)
-            if sequence is None:
-                raise self._gone(seq_id)
-            sequence.rollback(position, epoch)
-            waiting = self._verified.get(seq_id, {})
-            for key in [k for k in waiting if k[1] < epoch]:
-                waiting.pop(key).cancel()
 
     @staticmethod
     async def _await(response):

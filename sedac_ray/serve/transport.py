@@ -43,8 +43,8 @@ def unpack_hidden(array: np.ndarray, dtype: str, device) -> torch.Tensor:
 class Rows:
     """Decode tokens of many sequences, one row each. Stage 0 receives ``token_ids``; deeper stages
     and the LM head receive ``hidden``. ``routes[i]`` names the replica of each stage that holds
-    row ``i``'s KV. ``epochs[i]`` counts the speculative rollbacks of row ``i``'s sequence when it
-    was sent: a stage drops rows from before its latest rollback."""
+    row ``i``'s KV. ``epochs[i]`` is the position row ``i``'s sequence was last rolled back to by
+    speculative decoding (0: never): a stage drops rows of older epochs."""
 
     seq_ids: list[str]
     positions: np.ndarray  # [n] int64, position of each row's token
@@ -57,7 +57,7 @@ class Rows:
     hidden_dtype: str = "float32"
     exit_layer: np.ndarray | None = None  # [n] int64, once rows exit
     modes: np.ndarray | None = None  # [n] int8, PLAIN / SPECULATIVE / VERIFY (None: all PLAIN)
-    epochs: np.ndarray | None = None  # [n] int64 (None: all 0)
+    epochs: np.ndarray | None = None  # [n] int64, rollback positions (None: all 0)
 
     def __post_init__(self) -> None:
         if self.modes is None:
