@@ -18,7 +18,8 @@ so they always make progress). Ordering is by position, never by timing.
 Speculative rows (lossless mode): a row that exits is a *draft*. Its token goes back through the
 LM head at once, and the same hidden state runs on at full depth as a VERIFY row (from its exit
 layer to the end of this range, then through the deeper stages), writing exact K/V. The last
-stage keeps each verified token for the front door (:meth:`StageServer.verified`). When a draft
+stage drafts nothing (a draft there would overlap with nothing) and keeps each verified token for
+the front door (:meth:`StageServer.verified`). When a draft
 proves wrong, the front door resumes from the verified token at that position, with a new epoch:
 the position it rolled back to. The first row of a newer epoch that reaches a replica rolls the
 sequence back there (the watermark drops to that position), and rows of older epochs, computed
@@ -322,6 +323,12 @@ class StageServer:
             else:
                 hidden = unpack_hidden(rows.hidden, rows.hidden_dtype, device)
             speculative = rows.modes == SPECULATIVE
+            if self.next_stage is None and speculative.any():
+                # A draft here would overlap with nothing (its verification ends in this same
+                # step) and cost an extra LM-head call: run these rows at full depth instead.
+                rows.rules = rows.rules.copy()
+                rows.rules[speculative, 0] = np.inf
+                speculative[:] = False
             fill_rows = None
             if len(fill):
                 fill_rows = self._token_rows(
