@@ -5,7 +5,7 @@ batch computes every new arrival becomes a batch of its own and waits in line. H
 only formed when one of ``max_in_flight`` slots is free, from everything that queued up in the
 meantime: batches grow with load, and a lone request waits at most ``wait_s`` for company.
 
-With ``target`` (how many items the caller expects in the next batch, and at most how many it
+With a ``target`` (how many items the caller expects in the next batch, and at most how many it
 may hold), a batch instead waits until that many have queued, or ``wait_s`` passed: callers that
 come back a little apart (the front door streams each token before it submits the sequence's next
 step) still travel together.
@@ -28,7 +28,7 @@ class Batcher(Generic[Item, Result]):
         max_size: int,
         wait_s: float,
         max_in_flight: int = 1,
-        target: Callable[[], tuple[int, int]] | None = None,
+        target: Callable[[], int] | None = None,
     ):
         self.handler = handler
         self.max_size = max_size
@@ -61,9 +61,8 @@ class Batcher(Generic[Item, Result]):
             batch = [await self._queue.get()]
             size = self.max_size
             if self.target is not None:
-                expected, limit = self.target()
-                size = max(1, min(size, limit))
-                await self._gather(min(expected, size) - 1)
+                size = max(1, min(size, self.target()))
+                await self._gather(size - 1)
             elif self._queue.empty() and self.wait_s > 0:
                 await asyncio.sleep(self.wait_s)
             while not self._queue.empty() and len(batch) < size:

@@ -55,18 +55,13 @@ class PipelineDriver:
         # Sequences step together: in-flight steps merge into one stage-0 message per replica.
         # The decoding sequences split evenly over `steps_in_flight` groups, and a group waits for
         # its members to come back (each streams its token first) before it steps again.
-        # Speculative sequences step whenever a draft comes back, so no group waits for them.
-        self.decoding = 0  # plain sequences past prefill and not finished
-        self.speculating = 0  # speculative ones
+        self.decoding = 0  # sequences past prefill and not finished
         self.steps = Batcher(
             self._step_many,
             max_size=config.max_batch_size,
             wait_s=config.step_gather_timeout_s,
             max_in_flight=config.steps_in_flight,
-            target=lambda: (
-                -(-self.decoding // config.steps_in_flight),
-                -(-(self.decoding + self.speculating) // config.steps_in_flight),
-            ),
+            target=lambda: -(-self.decoding // config.steps_in_flight),
         )
         self._releases: set[asyncio.Task] = set()  # kept referenced until done
         self.retries = 0
@@ -130,16 +125,12 @@ class PipelineDriver:
             route, step = result.route, result.first
             completion.add(step.token, step.exit_layer)
             yield self._event(completion, step.exit_layer)
-            if request.speculative:
-                self.speculating += 1
-                try:
-                    async for event in self._speculate(seq_id, route, request, completion, deadline):
-                        yield event
-                finally:
-                    self.speculating -= 1
-                return
             decoding = True
             self.decoding += 1
+            if request.speculative:
+                async for event in self._speculate(seq_id, route, request, completion, deadline):
+                    yield event
+                return
             position = len(request.prompt_ids)
             while not completion.finished:
                 step = await self._step(seq_id, route, request, position, step.token, deadline)
