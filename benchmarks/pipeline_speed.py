@@ -45,6 +45,12 @@ def request(url: str, prompt: str, max_tokens: int, sedac: dict) -> dict:
     }
 
 
+def stage_counts(pipeline: LocalPipeline) -> list[tuple[int, int]]:
+    """(decode rows, decode batches) so far in each stage replica."""
+    stats = [s for name in ("Stage0", "Stage1", "Stage2") for s in pipeline.stats(name)]
+    return [(s["decode_rows"], s["decode_batches"]) for s in stats]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -79,6 +85,7 @@ def main() -> None:
             engine_s = time.perf_counter() - start
             engine_tokens = sum(len(r.token_ids) for r in outs)
 
+            before = stage_counts(pipeline)
             start = time.perf_counter()
             with ThreadPoolExecutor(concurrency) as pool:
                 calls = [pool.submit(request, url, p, args.max_tokens, sedac) for p in prompts]
@@ -86,7 +93,7 @@ def main() -> None:
             pipeline_s = time.perf_counter() - start
             tokens = sum(len(a["token_ids"]) for a in answers)
             same = sum(a["token_ids"] == r.token_ids for a, r in zip(answers, outs, strict=True))
-            stats = [s for name in ("Stage0", "Stage1", "Stage2") for s in pipeline.stats(name)]
+            after = stage_counts(pipeline)
             rows.append(
                 {
                     "policy": name,
@@ -99,7 +106,11 @@ def main() -> None:
                     ),
                     "mean_layers": statistics.fmean(x for a in answers for x in a["exit_layers"]),
                     "identical_to_engine": f"{same}/{len(answers)}",
-                    "stage_mean_batch_rows": [round(s["mean_batch_rows"], 2) for s in stats],
+                    # rows per decode batch in each stage, over this measurement only
+                    "stage_mean_batch_rows": [
+                        round((rows - rows0) / max(1, batches - batches0), 2)
+                        for (rows0, batches0), (rows, batches) in zip(before, after, strict=True)
+                    ],
                 }
             )
             print(rows[-1], flush=True)

@@ -136,9 +136,16 @@ class SpeculativeDecode:
         return Committed(pending.token, pending.exit_layer)
 
     def _discard(self) -> None:
-        """Drop the step in flight and every unverified draft (they came from a void token)."""
+        """Forget the step in flight and every unverified draft (they came from a void token).
+        They are left to end rather than cancelled: the stages drop their rows by epoch, and their
+        calls end there (or when the sequence is released) at less cost than a cancellation."""
         for future in [self._stepping, *(p.check for p in self.pending)]:
             if future is not None:
-                future.cancel()
+                future.add_done_callback(_forget)
         self._stepping = None
         self.pending.clear()
+
+
+def _forget(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not log it as never retrieved
