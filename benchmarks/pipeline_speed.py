@@ -25,6 +25,8 @@ from sedac_ray import Engine, ExitPolicy, load_model
 from sedac_ray.serve.local_cluster import LocalPipeline
 
 POLICIES = {"no exit": {"disable_exit": True}, "tau=0.97,K=3": {"tau": 0.97, "k": 3}}
+# As deployments/local.yaml serves it on this 2-core machine (one step group: see that file).
+PIPELINE_ARGS = {"stages": 3, "replica_cpus": 0.1, "steps_in_flight": 1}
 
 
 def request(url: str, prompt: str, max_tokens: int, sedac: dict) -> dict:
@@ -63,7 +65,7 @@ def main() -> None:
 
     loaded = load_model()  # also leaves the dequantized copy the replicas load
     engine = Engine(loaded)
-    pipeline = LocalPipeline.start({"stages": 3, "replica_cpus": 0.1}, num_cpus=args.num_cpus)
+    pipeline = LocalPipeline.start(PIPELINE_ARGS, num_cpus=args.num_cpus)
     url = f"{pipeline.http_url}/v1/chat/completions"
     request(url, "warm up", 4, {})
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from engine_speed import PROMPTS  # the same prompts as the other benchmarks
+from pipeline_speed import PIPELINE_ARGS  # the same served app as the pipeline benchmark
 
 from sedac_ray import Engine, ExitPolicy, load_model
 from sedac_ray.runtime.layer_range import LayerRange, TokenRows
@@ -138,7 +139,7 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
     """The same modes through the served pipeline; rounds interleaved, medians reported."""
     from sedac_ray.serve.local_cluster import LocalPipeline
 
-    pipeline = LocalPipeline.start({"stages": 3, "replica_cpus": 0.1}, num_cpus=2)
+    pipeline = LocalPipeline.start(PIPELINE_ARGS, num_cpus=2)
     url = f"{pipeline.http_url}/v1/chat/completions"
 
     def call(prompt: str, config: Config) -> dict:

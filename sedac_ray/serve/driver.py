@@ -55,13 +55,22 @@ class PipelineDriver:
         # Sequences step together: in-flight steps merge into one stage-0 message per replica.
         # The decoding sequences split evenly over `steps_in_flight` groups, and a group waits for
         # its members to come back (each streams its token first) before it steps again.
-        self.decoding = 0  # sequences past prefill and not finished
+        self.decoding = 0  # plain sequences past prefill and not finished
         self.steps = Batcher(
             self._step_many,
             max_size=config.max_batch_size,
             wait_s=config.step_gather_timeout_s,
             max_in_flight=config.steps_in_flight,
             target=lambda: -(-self.decoding // config.steps_in_flight),
+        )
+        # Speculative sequences step again as soon as a draft comes back, and at once after a
+        # wrong one: they merge only with what arrives within a few ms, and never wait for a slot
+        # (behind a group, or behind their own void step).
+        self.speculative_steps = Batcher(
+            self._step_many,
+            max_size=config.max_batch_size,
+            wait_s=config.batch_wait_timeout_s,
+            max_in_flight=config.max_concurrent_requests * config.draft_limit,
         )
         self._releases: set[asyncio.Task] = set()  # kept referenced until done
         self.retries = 0
@@ -125,12 +134,12 @@ class PipelineDriver:
             route, step = result.route, result.first
             completion.add(step.token, step.exit_layer)
             yield self._event(completion, step.exit_layer)
-            decoding = True
-            self.decoding += 1
             if request.speculative:
                 async for event in self._speculate(seq_id, route, request, completion, deadline):
                     yield event
                 return
+            decoding = True
+            self.decoding += 1
             position = len(request.prompt_ids)
             while not completion.finished:
                 step = await self._step(seq_id, route, request, position, step.token, deadline)
@@ -171,9 +180,11 @@ class PipelineDriver:
             routes=[route],
             token_ids=np.asarray([token]),
         )
+        batcher = self.steps
         if epoch is not None:
             rows.modes[:], rows.epochs[:] = SPECULATIVE, epoch
-        return self._within(self.steps.submit((route[0], rows)), deadline)
+            batcher = self.speculative_steps
+        return self._within(batcher.submit((route[0], rows)), deadline)
 
     async def _speculate(
         self,

@@ -27,7 +27,7 @@ from sedac_ray.sim.pipeline import Cost, Costs, Pipeline, Workload, simulate
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 PIPELINE_STAGES = 3  # benchmarks/pipeline_speed.py serves 3 stages
 PIPELINE_CORES = 2  # on the 2-core development machine
-PIPELINE_STEPS_IN_FLIGHT = 2  # the front door's merged step messages in flight
+PIPELINE_STEPS_IN_FLIGHT = 1  # the front door's merged step messages in flight (deployments/local.yaml)
 # Assumed: on the 2-core box a hop between replicas is CPU work (pickling, the RPC stack, asyncio),
 # not wire time; an idle-machine hop measured about 3.5 ms (DESIGN §6), pure work.
 PIPELINE_HOP_CPU_SHARE = 1.0
