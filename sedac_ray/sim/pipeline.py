@@ -28,10 +28,14 @@ exit layers; ``L`` means it never exits):
 * ``speculative`` (lossless): the exited row is a *draft*; it goes to the head, and the front door
   issues ``p + 1`` on the draft while the row keeps running every deeper layer as a full row
   (verification). When the full-depth token comes back, the draft is accepted with probability
-  ``acceptance``; otherwise the front door rolls back: every later position of the sequence in
-  flight is dropped (wasted work) and the verified token is issued instead. At most
-  ``draft_limit`` positions with unverified inputs are in flight per sequence. Tokens count once
-  verified, so time per token is what a client streaming verified tokens sees.
+  ``acceptance``; otherwise the front door rolls back and issues the verified token with a new
+  epoch. As in the served pipeline, a stage learns of the rollback only when the new epoch's
+  first row reaches it: later rows of the old epoch that get there first still run (wasted work),
+  and so do their LM-head calls. The last stage drafts nothing (its draft would overlap with
+  nothing), and speculative steps go to stage 0 at once, never merged into the front door's
+  step messages. At most ``draft_limit`` positions with unverified inputs are in flight per
+  sequence. Tokens count once verified, so time per token is what a client streaming verified
+  tokens sees.
 """
 
 from __future__ import annotations
@@ -149,6 +153,7 @@ class _Sequence:
     started_ms: float = 0.0
     finished_ms: float | None = None
     exits: dict[int, tuple[int, bool]] = field(default_factory=dict)  # position -> (exit, accepted)
+    epoch_start: dict[int, int] = field(default_factory=lambda: {0: 0})  # epoch -> its first position
 
 
 class _Server:
@@ -189,6 +194,7 @@ class Simulation:
         self.devices = {s.name: shared or _Device(1) for s in [*self.stages, self.head]}
         self.shared = shared
         self.watermark: dict[tuple[int, int], int] = defaultdict(int)  # (stage, seq) -> next position
+        self.stage_epoch: dict[tuple[int, int], int] = defaultdict(int)  # (stage, seq) -> newest seen
         self.sequences = [_Sequence(i) for i in range(workload.concurrency)]
         self.rows_computed = self.drafts_verified = self.accepted = 0
         self._fd_queue: list[_Row] = []
@@ -295,12 +301,19 @@ class Simulation:
         self.at(self._compute_ms(server, batch), done)
 
     def _take_batch(self, server: _Server) -> list[_Row]:
-        live = [r for r in server.queue if r.epoch == self.sequences[r.seq].epoch]
-        if server.span is None:
-            server.queue = live[self.pipeline.max_batch :]
-            return live[: self.pipeline.max_batch]
-        # Stages run a sequence's rows in position order (the K/V watermark).
+        if server.span is None:  # the head computes whatever reaches it
+            batch = server.queue[: self.pipeline.max_batch]
+            server.queue = server.queue[self.pipeline.max_batch :]
+            return batch
         stage = self.stages.index(server)
+        for row in server.queue:  # a row of a newer epoch rolls its sequence back here
+            key = (stage, row.seq)
+            if row.epoch > self.stage_epoch[key]:
+                self.stage_epoch[key] = row.epoch
+                start = self.sequences[row.seq].epoch_start[row.epoch]
+                self.watermark[key] = min(self.watermark[key], start)
+        live = [r for r in server.queue if self._current_here(stage, r)]
+        # Stages run a sequence's rows in position order (the K/V watermark).
         live.sort(key=lambda r: (r.seq, r.position))
         batch, rest = [], []
         for row in live:
@@ -333,13 +346,18 @@ class Simulation:
             return False
         return self.mode == "speculative" or row.role == "verify" or layer <= row.exit_layer
 
+    def _current_here(self, stage: int, row: _Row) -> bool:
+        """Whether ``stage`` still runs ``row``: its sequence is not finished (released) and no
+        newer epoch has reached the stage."""
+        sequence = self.sequences[row.seq]
+        return sequence.finished_ms is None and row.epoch >= self.stage_epoch[(stage, row.seq)]
+
     def _finish_batch(self, server: _Server, batch: list[_Row]) -> None:
-        live = [r for r in batch if r.epoch == self.sequences[r.seq].epoch]
         if server.span is None:
-            if live:
-                self._send(live, None)
+            self._send(batch, None)  # the front door ignores results of old epochs
             return
         stage = self.stages.index(server)
+        live = [r for r in batch if self._current_here(stage, r)]
         last = server.span[1]
         is_last = stage == len(self.stages) - 1
         onward, to_head = [], []
@@ -373,7 +391,7 @@ class Simulation:
         sequence.exits[position] = (exit_layer, accepted)
         sequence.issued = position + 1
         row = _Row(sequence.index, position, sequence.epoch, exit_layer, "decode")
-        if self._fd_free is None:
+        if self._fd_free is None or self.mode == "speculative":
             self._send([row], self.stages[0])
         else:
             self._fd_queue.append(row)
@@ -422,10 +440,11 @@ class Simulation:
         self.at(0.0, self._fd_flush)  # the next message forms after this instant's results
         return self._fd_held.pop(message)
 
-    def _drop_in_flight(self, sequence: _Sequence) -> None:
-        """A rollback or the end: rows of the sequence still in flight are dropped."""
+    def _drop_in_flight(self, sequence: _Sequence, position: int) -> None:
+        """A rollback to ``position`` or the end: the front door forgets the rows in flight."""
         old = sequence.epoch
         sequence.epoch += 1
+        sequence.epoch_start[sequence.epoch] = position
         if self._fd_free is None:
             return
         for key in [k for k in self._fd_batch_of if k[0] == sequence.index and k[2] == old]:
@@ -465,15 +484,12 @@ class Simulation:
             self.drafts_verified += 1
             self.accepted += accepted
         if sequence.finished_ms is not None:
-            self._drop_in_flight(sequence)  # rows still in flight are wasted
+            self._drop_in_flight(sequence, position + 1)  # released: rows still in flight stop
             return
-        if not accepted:  # roll back: drop every later position, issue the verified token
-            self._drop_in_flight(sequence)
+        if not accepted:  # roll back: issue the verified token in a new epoch
+            self._drop_in_flight(sequence, position + 1)
             sequence.pending_draft = None
             sequence.exits = {}
-            for stage in range(len(self.stages)):
-                key = (stage, sequence.index)
-                self.watermark[key] = min(self.watermark[key], position + 1)
             self._issue(sequence, position + 1)
         elif sequence.issued == position + 1:  # its draft had not let the next position start
             sequence.pending_draft = None
