@@ -34,7 +34,7 @@ import statistics
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -71,6 +71,19 @@ def configs(batches: list[int]) -> list[Config]:
         for name in POLICIES:
             out += [Config("early exit", name, batch), Config("speculative", name, batch)]
     return out
+
+
+def common_row(system: str, config: Config, seconds: list[float]) -> dict:
+    """The keys every result row has, engine or pipeline."""
+    return {
+        "system": system,
+        "mode": config.mode,
+        "policy": config.policy_name,
+        "batch": config.batch,
+        "draft_limit": DRAFT_LIMIT if config.mode == "speculative" else None,
+        "seconds_median": statistics.median(seconds),
+        "seconds_all": seconds,
+    }
 
 
 def engine_rows(engine: Engine, prompt_ids: list[list[int]], args) -> list[dict]:
@@ -110,13 +123,7 @@ def engine_rows(engine: Engine, prompt_ids: list[list[int]], args) -> list[dict]
         ]
         median = statistics.median(times[config])
         row = {
-            "system": "engine",
-            "mode": config.mode,
-            "policy": config.policy_name,
-            "batch": config.batch,
-            "draft_limit": DRAFT_LIMIT if config.mode == "speculative" else None,
-            "seconds_median": median,
-            "seconds_all": times[config],
+            **common_row("engine", config, times[config]),
             "tokens_per_s": config.batch * args.new_tokens / median,
             "tpot_ms": 1000 * median / args.new_tokens,
             "prefill_s": prefill,
@@ -189,13 +196,7 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
         tokens = sum(len(a["choices"][0]["token_ids"]) for a in mine)
         median = statistics.median(times[config])
         row = {
-            "system": "pipeline",
-            "mode": config.mode,
-            "policy": config.policy_name,
-            "batch": config.batch,
-            "draft_limit": DRAFT_LIMIT if config.mode == "speculative" else None,
-            "seconds_median": median,
-            "seconds_all": times[config],
+            **common_row("pipeline", config, times[config]),
             "tokens_per_s": tokens / median,
             "tpot_ms": statistics.median(
                 1000 * a["latency_s"] / len(a["choices"][0]["token_ids"]) for a in mine
@@ -210,17 +211,14 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
             "exit_layers": [a["choices"][0]["exit_layers"][1:] for a in mine],
         }
         if config.mode == "speculative":
+            counted = [f.name for f in fields(SpeculativeStats)]  # the response adds derived ratios
             stats = sum(
-                (SpeculativeStats(**_counts(a["usage"]["speculative"])) for a in mine), SpeculativeStats()
+                (SpeculativeStats(**{n: a["usage"]["speculative"][n] for n in counted}) for a in mine),
+                SpeculativeStats(),
             )
             row["speculative"] = stats.as_dict()
         rows.append(row)
     return rows
-
-
-def _counts(stats: dict) -> dict:
-    names = ("drafts", "accepted", "rolled_back", "verifications", "rollbacks", "direct")
-    return {name: stats[name] for name in names}
 
 
 def cost_probe(engine: Engine, prompt_ids: list[list[int]], repeats: int) -> dict:

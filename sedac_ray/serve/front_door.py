@@ -16,6 +16,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -474,17 +475,9 @@ class Admission:
 
 
 def _speculative_pb(completion: Completion) -> sedac_pb2.SpeculativeStats | None:
-    stats = completion.speculative
-    if stats is None:
+    if completion.speculative is None:
         return None
-    return sedac_pb2.SpeculativeStats(
-        drafts=stats.drafts,
-        accepted=stats.accepted,
-        rolled_back=stats.rolled_back,
-        verifications=stats.verifications,
-        rollbacks=stats.rollbacks,
-        direct=stats.direct,
-    )
+    return sedac_pb2.SpeculativeStats(**asdict(completion.speculative))  # the same field names
 
 
 def _choice(chat: bool, text: str, streaming: bool, **fields) -> dict:
