@@ -12,9 +12,12 @@ COSTS = Costs(layer=Cost(2.0, 0.2), head=Cost(10.0, 1.0), fill=Cost(0.5, 0.05), 
 
 def test_simulator_reproduces_the_measured_cpu_figures():
     checked, fitted = figures()
-    predictions = [f for f in checked if f.role == "prediction"]
-    assert len(predictions) >= 10  # engine rows at batch 1 and 8, pipeline rows at 1 and 16 streams
-    assert fitted["hop_ms"] > 0
+    predictions = [f.name for f in checked if f.role == "prediction"]
+    assert sum(name.startswith("engine") for name in predictions) == 6  # 3 policies at batch 1 and 8
+    # The served pipeline's speculative rows: tokens/s at batch 1 and 8, ms per token at batch 8.
+    assert sum(name.startswith("pipeline, speculative") for name in predictions) == 6
+    assert len(predictions) == 25  # and 4 from the pipeline benchmark, 9 more from the speculative one
+    assert fitted["hop_ms"] > 0 and fitted["token_cpu_ms"] > 0
     for figure in checked:
         assert abs(figure.error) <= TOLERANCE, (figure.name, figure.measured, figure.predicted)
 

@@ -19,10 +19,12 @@ and 16 streams. Exit layers are the ones the engine measured for the same policy
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from sedac_ray.sim.pipeline import Cost, Costs, Pipeline, Workload, simulate
+from sedac_ray.serve.config import PipelineConfig
+from sedac_ray.sim.pipeline import Cost, Costs, Pipeline, Result, Workload, simulate
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 PIPELINE_STAGES = 3  # benchmarks/pipeline_speed.py serves 3 stages
@@ -85,26 +87,66 @@ def engine_model(num_layers: int, costs: Costs) -> Pipeline:
 
 
 def cpu_pipeline(num_layers: int, costs: Costs) -> Pipeline:
+    """The served pipeline as the benchmarks run it (``deployments/local.yaml``)."""
+    served = PipelineConfig()
     return Pipeline(
         num_layers,
         PIPELINE_STAGES,
         costs,
         shared_slots=PIPELINE_CORES,
+        draft_limit=served.draft_limit,
+        max_batch=served.max_batch_size,
         front_door_in_flight=PIPELINE_STEPS_IN_FLIGHT,
+        front_door_gather_ms=1000 * served.step_gather_timeout_s,
+        front_door_merge_ms=1000 * served.batch_wait_timeout_s,
     )
 
 
-def pipeline_workload(
-    speculative: dict, concurrency: int, tokens: int, hop_ms: float, exit_layers: list[int] = ()
-) -> Workload:
-    """Requests as the pipeline benchmark sends them: all at once, but stage 0 prefills one
-    sequence at a time, so they start decoding one prefill (the engine's, measured, plus the
-    hops of its trip) apart."""
+@dataclass
+class Requests:
+    """Requests as the pipeline benchmarks send them: all at once, but stage 0 prefills one
+    sequence at a time, so sequence ``i`` starts decoding after ``i + 1`` prefills (the engine's,
+    measured, plus the hops of its trip). ``workload`` simulates their decode steps."""
+
+    workload: Workload
+    prefill_trip_ms: float
+
+    def measured_as_benchmarks_do(self, result: Result) -> tuple[float, float]:
+        """(ms per token, tokens/s) as the benchmarks compute them: a request's latency runs from
+        its arrival to its last token and its tokens include the prefill's; ms per token is the
+        median over requests, tokens/s counts until the last request ends."""
+        latencies = [self.prefill_trip_ms + finished for finished in result.finished_ms]
+        tokens = [length + 1 for length in lengths(self.workload)]
+        tpot = statistics.median(latency / n for latency, n in zip(latencies, tokens, strict=True))
+        return tpot, 1000 * sum(tokens) / max(latencies)
+
+
+def lengths(workload: Workload) -> list[int]:
+    if isinstance(workload.tokens, int):
+        return [workload.tokens] * workload.concurrency
+    return list(workload.tokens)
+
+
+def benchmark_requests(
+    speculative: dict,
+    tokens: int | list[int],
+    hop_ms: float,
+    exit_layers: list[int] = (),
+    acceptance: float = 1.0,
+) -> Requests:
     prefill_ms = 1000 * next(
         r["prefill_s"] for r in speculative["rows"] if r["mode"] == "no exit" and r["batch"] == 1
     )
-    stagger = concurrency * (prefill_ms + (PIPELINE_STAGES + 2) * hop_ms)
-    return Workload(concurrency, tokens, exit_layers=list(exit_layers), stagger_ms=stagger)
+    trip = prefill_ms + (PIPELINE_STAGES + 2) * hop_ms
+    concurrency = 1 if isinstance(tokens, int) else len(tokens)
+    workload = Workload(
+        concurrency,
+        tokens,
+        exit_layers=list(exit_layers),
+        acceptance=acceptance,
+        stagger_ms=concurrency * trip,
+    )
+    return Requests(workload, trip)
 
 
 def load(results: Path = RESULTS) -> tuple[dict, dict]:
@@ -117,24 +159,25 @@ def calibrated_pipeline(speculative: dict, pipeline: dict) -> tuple[Pipeline, li
     """The CPU pipeline with ``hop_ms`` and ``token_cpu_ms`` fitted; returns it and the two fits."""
     num_layers = speculative["num_layers"]
     rows = {(r["policy"], r["concurrency"]): r for r in pipeline["rows"]}
-    tokens = pipeline["max_tokens"]
+    decode_tokens = pipeline["max_tokens"] - 1  # the first token comes from the prefill
     single, many = rows[("no exit", 1)], rows[("no exit", 16)]
 
-    def run(hop_ms: float, token_cpu_ms: float, concurrency: int):
+    def run(hop_ms: float, token_cpu_ms: float, concurrency: int) -> tuple[float, float]:
         costs = probe_costs(speculative["cost_probe"], 1, hop_ms, PIPELINE_HOP_CPU_SHARE, token_cpu_ms)
-        workload = pipeline_workload(speculative, concurrency, tokens, hop_ms)
-        return simulate(cpu_pipeline(num_layers, costs), workload, "no_exit")
+        requests = benchmark_requests(speculative, [decode_tokens] * concurrency, hop_ms)
+        result = simulate(cpu_pipeline(num_layers, costs), requests.workload, "no_exit")
+        return requests.measured_as_benchmarks_do(result)
 
     hop_ms = token_cpu_ms = 0.0
     for _ in range(3):  # each fit barely moves the other's figure: alternate until both settle
         # At one stream (cores mostly idle) the time per token is about linear in the hop time.
-        base, probe = run(0.0, token_cpu_ms, 1).tpot_ms, run(10.0, token_cpu_ms, 1).tpot_ms
+        base, probe = run(0.0, token_cpu_ms, 1)[0], run(10.0, token_cpu_ms, 1)[0]
         hop_ms = max(0.0, (single["pipeline_tpot_ms"] - base) * 10.0 / (probe - base))
         # Throughput at 16 streams falls as each token costs the 2 cores more: bisect.
         low, high = 0.0, 100.0
         for _ in range(25):
             middle = (low + high) / 2
-            if run(hop_ms, middle, 16).tokens_per_s > many["pipeline_tokens_per_s"]:
+            if run(hop_ms, middle, 16)[1] > many["pipeline_tokens_per_s"]:
                 low = middle
             else:
                 high = middle
@@ -145,31 +188,29 @@ def calibrated_pipeline(speculative: dict, pipeline: dict) -> tuple[Pipeline, li
         Figure(
             "pipeline, no exit, 1 stream: ms per token",
             single["pipeline_tpot_ms"],
-            simulate(model, pipeline_workload(speculative, 1, tokens, hop_ms), "no_exit").tpot_ms,
+            run(hop_ms, token_cpu_ms, 1)[0],
             "calibration",
         ),
         Figure(
             "pipeline, no exit, 16 streams: tokens/s",
             many["pipeline_tokens_per_s"],
-            simulate(model, pipeline_workload(speculative, 16, tokens, hop_ms), "no_exit").tokens_per_s,
+            run(hop_ms, token_cpu_ms, 16)[1],
             "calibration",
         ),
     ]
     return model, fits
 
 
-def figures(results: Path = RESULTS) -> tuple[list[Figure], dict]:
-    """Every calibration fit and every prediction next to its measurement, plus the fitted values."""
-    speculative, pipeline = load(results)
-    num_layers = speculative["num_layers"]
-    engine = engine_model(num_layers, probe_costs(speculative["cost_probe"], speculative["torch_threads"]))
-    out: list[Figure] = []
-    exit_layers: dict[tuple[str, int], list[int]] = {}
+def engine_figures(speculative: dict) -> tuple[list[Figure], Pipeline]:
+    """The engine's decode step without and with exits, at batch 1 and 8."""
+    engine = engine_model(
+        speculative["num_layers"], probe_costs(speculative["cost_probe"], speculative["torch_threads"])
+    )
+    out = []
     for row in speculative["rows"]:
         if row["system"] != "engine" or row["mode"] == "speculative":
             continue  # the engine's speculative mode verifies in chunks: not what the pipeline does
         layers = [x for per_sequence in row["exit_layers"] for x in per_sequence]
-        exit_layers[(row["policy"], row["batch"])] = layers
         mode = "no_exit" if row["mode"] == "no exit" else "early_exit"
         workload = Workload(row["batch"], speculative["new_tokens"] - 1, exit_layers=layers)
         label = row["mode"] if row["policy"] == "-" else f"{row['mode']}, {row['policy']}"
@@ -181,27 +222,37 @@ def figures(results: Path = RESULTS) -> tuple[list[Figure], dict]:
                 "prediction",
             )
         )
+    return out, engine
 
-    model, fits = calibrated_pipeline(speculative, pipeline)
-    out += fits
-    tokens = pipeline["max_tokens"]
+
+def pipeline_speed_figures(speculative: dict, pipeline: dict, model: Pipeline) -> list[Figure]:
+    """``benchmarks/pipeline_speed.py``: early exit at 1 and 16 streams, and no exit at 16 streams
+    in time per token. Its rows hold no exit layers: the engine's for the same policy stand in."""
+    engine_exits = {
+        row["policy"]: [x for per_sequence in row["exit_layers"] for x in per_sequence]
+        for row in speculative["rows"]
+        if row["system"] == "engine" and row["mode"] == "early exit" and row["batch"] == 8
+    }
+    out = []
     for row in pipeline["rows"]:
         exits = row["policy"] != "no exit"
-        layers = exit_layers.get((row["policy"], max(b for _, b in exit_layers)), []) if exits else []
-        if exits and not layers:
-            continue  # no engine measurement of this policy's exit layers
-        result = simulate(
-            model,
-            pipeline_workload(speculative, row["concurrency"], tokens, model.costs.hop_ms, layers),
-            "early_exit" if exits else "no_exit",
+        if exits and row["policy"] not in engine_exits:
+            continue  # no measurement of this policy's exit layers
+        requests = benchmark_requests(
+            speculative,
+            [pipeline["max_tokens"] - 1] * row["concurrency"],
+            model.costs.hop_ms,
+            engine_exits[row["policy"]] if exits else [],
         )
+        result = simulate(model, requests.workload, "early_exit" if exits else "no_exit")
+        tpot, tokens_per_s = requests.measured_as_benchmarks_do(result)
         streams = f"{row['concurrency']} stream{'s' if row['concurrency'] > 1 else ''}"
         if exits or row["concurrency"] > 1:
             out.append(
                 Figure(
                     f"pipeline, {row['policy']}, {streams}: ms per token",
                     row["pipeline_tpot_ms"],
-                    result.tpot_ms,
+                    tpot,
                     "prediction",
                 )
             )
@@ -210,10 +261,75 @@ def figures(results: Path = RESULTS) -> tuple[list[Figure], dict]:
                 Figure(
                     f"pipeline, {row['policy']}, {streams}: tokens/s",
                     row["pipeline_tokens_per_s"],
-                    result.tokens_per_s,
+                    tokens_per_s,
                     "prediction",
                 )
             )
+    return out
+
+
+def speculative_speed_figures(speculative: dict, model: Pipeline) -> list[Figure]:
+    """``benchmarks/speculative_speed.py --pipeline``: every mode at batch 1 and 8, each with the
+    lengths its requests had. Early exit runs the exit layers it measured. Speculative runs the
+    share of positions it drafted and the share of drafts it verified right; its drafts leave at
+    the layers early exit took there, in the stages that draft (not the last).
+
+    Checked: tokens/s (over the median round) for every row, and ms per token at batch 8 (at
+    batch 1 it says the same as tokens/s, from the last round alone)."""
+    last_stage_first_layer = model.boundaries()[-1][0]
+    early_exits = {
+        (row["policy"], row["batch"]): [x for per_sequence in row["exit_layers"] for x in per_sequence]
+        for row in speculative["rows"]
+        if row["system"] == "pipeline" and row["mode"] == "early exit"
+    }
+    out = []
+    for row in speculative["rows"]:
+        if row["system"] != "pipeline":
+            continue
+        layers, acceptance = [], 1.0
+        if row["mode"] == "early exit":
+            layers = early_exits[(row["policy"], row["batch"])]
+        elif row["mode"] == "speculative":
+            layers = drafting_exit_layers(
+                early_exits[(row["policy"], row["batch"])],
+                row["speculative"],
+                last_stage_first_layer,
+                model.num_layers,
+            )
+            stats = row["speculative"]
+            acceptance = stats["accepted"] / stats["verifications"] if stats["verifications"] else 1.0
+        requests = benchmark_requests(
+            speculative, [len(x) for x in row["exit_layers"]], model.costs.hop_ms, layers, acceptance
+        )
+        result = simulate(model, requests.workload, row["mode"].replace(" ", "_"))
+        tpot, tokens_per_s = requests.measured_as_benchmarks_do(result)
+        label = row["mode"] if row["policy"] == "-" else f"{row['mode']}, {row['policy']}"
+        name = f"pipeline, {label}, batch {row['batch']}"
+        out.append(Figure(f"{name}: tokens/s", row["tokens_per_s"], tokens_per_s, "prediction"))
+        if row["batch"] > 1:
+            out.append(Figure(f"{name}: ms per token", row["tpot_ms"], tpot, "prediction"))
+    return out
+
+
+def drafting_exit_layers(early_exit_layers: list[int], stats: dict, below: int, num_layers: int) -> list[int]:
+    """Exit layers in which the measured share of positions drafts (``verifications`` of
+    ``verifications + direct``), at the early-exit layers below ``below``; the rest never exit."""
+    drafted, direct = stats["verifications"], stats["direct"]
+    draftable = [x for x in early_exit_layers if x < below]
+    if not drafted or not draftable:
+        return []
+    never = round(len(draftable) * direct / drafted)
+    return draftable + [num_layers] * never
+
+
+def figures(results: Path = RESULTS) -> tuple[list[Figure], dict]:
+    """Every calibration fit and every prediction next to its measurement, plus the fitted values."""
+    speculative, pipeline = load(results)
+    out, engine = engine_figures(speculative)
+    model, fits = calibrated_pipeline(speculative, pipeline)
+    out += fits
+    out += pipeline_speed_figures(speculative, pipeline, model)
+    out += speculative_speed_figures(speculative, model)
     fitted = {
         "engine_costs": engine.costs,
         "pipeline_costs": model.costs,

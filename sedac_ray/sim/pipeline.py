@@ -96,6 +96,11 @@ class Pipeline:
     # The front door sends each step at once (None), or merges steps into one stage-0 message
     # with at most this many messages in flight, each until all its rows have come back.
     front_door_in_flight: int | None = None
+    # A merged message waits up to this long for its group: the running sequences split evenly
+    # over the messages in flight (``step_gather_timeout_s`` of the served front door).
+    front_door_gather_ms: float = 0.0
+    # Speculative steps skip the groups: they merge with the steps issued within this window.
+    front_door_merge_ms: float = 0.0
     fused_head: bool = False  # the single-process engine: one stage whose step includes the head
 
     def __post_init__(self) -> None:
@@ -111,7 +116,7 @@ class Pipeline:
 @dataclass(frozen=True)
 class Workload:
     concurrency: int  # sequences decoding at once (closed loop: each waits for its own tokens)
-    tokens: int  # decode tokens per sequence (prefill is not simulated)
+    tokens: int | Sequence[int]  # decode tokens per sequence, or each one's (prefill is not simulated)
     exit_layers: Sequence[int] = ()  # drawn with replacement per token; empty: nothing exits
     acceptance: float = 1.0  # speculative: probability that an early draft is the full-depth token
     stagger_ms: float = 0.0  # sequence i starts at i * stagger_ms / concurrency (0: all at once)
@@ -128,9 +133,12 @@ class Result:
     rows_wasted: int  # speculative: stage rows computed for positions that were rolled back
     drafts_verified: int  # speculative: drafts whose full-depth token came back
     accepted: int
+    started_ms: list[float]  # per sequence: its first step
+    finished_ms: list[float]  # per sequence: its last token
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The summary, without the per-sequence times."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("started_ms", "finished_ms")}
 
 
 @dataclass
@@ -145,6 +153,7 @@ class _Row:
 @dataclass
 class _Sequence:
     index: int
+    tokens: int
     epoch: int = 0
     issued: int = 0  # next position to issue
     next_verified: int = 0  # speculative: first position whose full-depth token has not come back
@@ -195,7 +204,12 @@ class Simulation:
         self.shared = shared
         self.watermark: dict[tuple[int, int], int] = defaultdict(int)  # (stage, seq) -> next position
         self.stage_epoch: dict[tuple[int, int], int] = defaultdict(int)  # (stage, seq) -> newest seen
-        self.sequences = [_Sequence(i) for i in range(workload.concurrency)]
+        lengths = workload.tokens
+        if isinstance(lengths, int):
+            lengths = [lengths] * workload.concurrency
+        if len(lengths) != workload.concurrency or min(lengths) < 1:
+            raise ValueError(f"need a length of at least 1 for each of {workload.concurrency} sequences")
+        self.sequences = [_Sequence(i, n) for i, n in enumerate(lengths)]
         self.rows_computed = self.drafts_verified = self.accepted = 0
         self._fd_queue: list[_Row] = []
         self._fd_free = pipeline.front_door_in_flight
@@ -203,6 +217,8 @@ class Simulation:
         self._fd_held: dict[int, list[_Row]] = {}  # message -> its results back so far
         self._fd_batch_of: dict[tuple[int, int, int], int] = {}
         self._fd_messages = itertools.count()
+        self._fd_gather_until: float | None = None  # while a message waits for its group
+        self._fd_merging: list[_Row] | None = None  # speculative steps within the merge window
 
     # ---- the event loop ---------------------------------------------------------------------
 
@@ -218,17 +234,19 @@ class Simulation:
             action()
         if any(s.finished_ms is None for s in self.sequences):
             raise RuntimeError("simulation ended with unfinished sequences")
-        tokens, count = self.workload.tokens, len(self.sequences)
-        useful = tokens * count * len(self.stages)  # every committed position passes every stage
+        tokens = sum(s.tokens for s in self.sequences)
+        useful = tokens * len(self.stages)  # every committed position passes every stage
         return Result(
             mode=self.mode,
-            tpot_ms=statistics.fmean((s.finished_ms - s.started_ms) / tokens for s in self.sequences),
-            tokens_per_s=1000 * tokens * count / max(s.finished_ms for s in self.sequences),
+            tpot_ms=statistics.fmean((s.finished_ms - s.started_ms) / s.tokens for s in self.sequences),
+            tokens_per_s=1000 * tokens / max(s.finished_ms for s in self.sequences),
             mean_stage_batch_rows=[statistics.fmean(s.batches) if s.batches else 0.0 for s in self.stages],
             rows_computed=self.rows_computed,
             rows_wasted=self.rows_computed - useful if self.mode == "speculative" else 0,
             drafts_verified=self.drafts_verified,
             accepted=self.accepted,
+            started_ms=[s.started_ms for s in self.sequences],
+            finished_ms=[s.finished_ms for s in self.sequences],
         )
 
     # ---- messages and devices ---------------------------------------------------------------
@@ -391,17 +409,47 @@ class Simulation:
         sequence.exits[position] = (exit_layer, accepted)
         sequence.issued = position + 1
         row = _Row(sequence.index, position, sequence.epoch, exit_layer, "decode")
-        if self._fd_free is None or self.mode == "speculative":
+        if self.mode == "speculative":
+            self._merge_speculative(row)
+        elif self._fd_free is None:
             self._send([row], self.stages[0])
         else:
             self._fd_queue.append(row)
             self._fd_flush()
 
+    def _merge_speculative(self, row: _Row) -> None:
+        """Speculative steps go out at once, merged only with those issued within
+        ``front_door_merge_ms`` of the first."""
+        if self.pipeline.front_door_merge_ms <= 0:
+            self._send([row], self.stages[0])
+            return
+        if self._fd_merging is not None:
+            self._fd_merging.append(row)
+            return
+        self._fd_merging = [row]
+
+        def send() -> None:
+            rows, self._fd_merging = self._fd_merging, None
+            self._send(rows, self.stages[0])  # void steps too: the front door does not cancel them
+
+        self.at(self.pipeline.front_door_merge_ms, send)
+
     def _fd_flush(self) -> None:
-        """Merge the queued steps into one stage-0 message while a message slot is free."""
+        """Merge the queued steps into one stage-0 message while a message slot is free. A message
+        waits for its group (the running sequences over the messages in flight) at most
+        ``front_door_gather_ms``."""
         while self._fd_free and self._fd_queue:
-            live = [r for r in self._fd_queue if r.epoch == self.sequences[r.seq].epoch]
-            batch, self._fd_queue = live[: self.pipeline.max_batch], live[self.pipeline.max_batch :]
+            self._fd_queue = [r for r in self._fd_queue if r.epoch == self.sequences[r.seq].epoch]
+            running = sum(s.issued > 0 and s.finished_ms is None for s in self.sequences)
+            size = min(self.pipeline.max_batch, max(1, -(-running // self.pipeline.front_door_in_flight)))
+            if len(self._fd_queue) < size and self.pipeline.front_door_gather_ms > 0:
+                if self._fd_gather_until is None:
+                    self._fd_gather_until = self.now + self.pipeline.front_door_gather_ms
+                    self.at(self.pipeline.front_door_gather_ms, self._fd_flush)
+                if self.now < self._fd_gather_until:
+                    return
+            self._fd_gather_until = None
+            batch, self._fd_queue = self._fd_queue[:size], self._fd_queue[size:]
             if not batch:
                 return
             self._fd_free -= 1
@@ -505,7 +553,7 @@ class Simulation:
             shared = self.shared
             self._acquire(shared, lambda: self.at(self.costs.token_cpu_ms, lambda: self._release(shared)))
         sequence.committed += 1
-        if sequence.committed >= self.workload.tokens:
+        if sequence.committed >= sequence.tokens:
             sequence.finished_ms = self.now
 
 
