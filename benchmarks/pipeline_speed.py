@@ -53,6 +53,14 @@ def stage_counts(pipeline: LocalPipeline) -> list[tuple[int, int]]:
     return [(s["decode_rows"], s["decode_batches"]) for s in stats]
 
 
+def mean_batch_rows(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> list[float]:
+    """Rows per decode batch in each stage replica between two :func:`stage_counts`."""
+    return [
+        round((rows - rows0) / max(1, batches - batches0), 2)
+        for (rows0, batches0), (rows, batches) in zip(before, after, strict=True)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,10 +117,7 @@ def main() -> None:
                     "mean_layers": statistics.fmean(x for a in answers for x in a["exit_layers"]),
                     "identical_to_engine": f"{same}/{len(answers)}",
                     # rows per decode batch in each stage, over this measurement only
-                    "stage_mean_batch_rows": [
-                        round((rows - rows0) / max(1, batches - batches0), 2)
-                        for (rows0, batches0), (rows, batches) in zip(before, after, strict=True)
-                    ],
+                    "stage_mean_batch_rows": mean_batch_rows(before, after),
                 }
             )
             print(rows[-1], flush=True)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 from engine_speed import PROMPTS  # the same prompts as the other benchmarks
-from pipeline_speed import PIPELINE_ARGS  # the same served app as the pipeline benchmark
+from pipeline_speed import PIPELINE_ARGS, mean_batch_rows, stage_counts  # the same served app
 
 from sedac_ray import Engine, ExitPolicy, load_model
 from sedac_ray.runtime.layer_range import LayerRange, TokenRows
@@ -177,10 +177,20 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
     run(todo[0])  # warm-up
     times: dict[Config, list[float]] = {config: [] for config in todo}
     answers: dict[Config, list[dict]] = {}
+    stage_work: dict[Config, list[tuple[int, int]]] = {}  # (decode rows, batches) per stage, all rounds
     for round_no in range(args.pipeline_rounds):
         for config in todo:
+            before = stage_counts(pipeline)
             seconds, answers[config] = run(config)
+            after = stage_counts(pipeline)
             times[config].append(seconds)
+            previous = stage_work.get(config, [(0, 0)] * len(after))
+            stage_work[config] = [
+                (rows + rows1 - rows0, batches + batches1 - batches0)
+                for (rows, batches), (rows0, batches0), (rows1, batches1) in zip(
+                    previous, before, after, strict=True
+                )
+            ]
         print(f"pipeline round {round_no + 1}/{args.pipeline_rounds} done", flush=True)
     pipeline.stop()
 
@@ -209,6 +219,7 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
             ),
             "mean_exit_layer": statistics.fmean(x for a in mine for x in a["choices"][0]["exit_layers"][1:]),
             "exit_layers": [a["choices"][0]["exit_layers"][1:] for a in mine],
+            "stage_mean_batch_rows": mean_batch_rows([(0, 0)] * len(stage_work[config]), stage_work[config]),
         }
         if config.mode == "speculative":
             counted = [f.name for f in fields(SpeculativeStats)]  # the response adds derived ratios
@@ -300,11 +311,12 @@ def print_table(rows: list[dict]) -> None:
         ),
         ("drafts", 8, lambda r: r["speculative"]["drafts"] if "speculative" in r else "-"),
         ("rolled back", 12, lambda r: r["speculative"]["rolled_back"] if "speculative" in r else "-"),
+        ("stage rows", 17, lambda r: "/".join(f"{x:.1f}" for x in r.get("stage_mean_batch_rows", [])) or "-"),
     ]
-    header = f"{columns[0][0]:<8}{columns[1][0]:<36}" + "".join(f"{h:>{w}}" for h, w, _ in columns[2:])
+    header = f"{columns[0][0]:<9}{columns[1][0]:<36}" + "".join(f"{h:>{w}}" for h, w, _ in columns[2:])
     print("\n" + header + "\n" + "-" * len(header))
     for row in rows:
-        cells = [f"{columns[0][2](row):<8}", f"{columns[1][2](row):<36}"]
+        cells = [f"{columns[0][2](row):<9}", f"{columns[1][2](row):<36}"]
         cells += [f"{cell(row)!s:>{w}}" for _, w, cell in columns[2:]]
         print("".join(cells))
 

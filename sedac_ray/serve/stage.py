@@ -23,9 +23,11 @@ the front door (:meth:`StageServer.verified`). When a draft
 proves wrong, the front door resumes from the verified token at that position, with a new epoch:
 the position it rolled back to. The first row of a newer epoch that reaches a replica rolls the
 sequence back there (the watermark drops to that position), and rows of older epochs, computed
-from the wrong draft, are dropped wherever they still are. Their K/V need no erasing: K/V are
-stored by position, a query never sees keys past its own position, and the watermark makes the
-corrected rows overwrite every position before any later row reads it.
+from the wrong draft, are dropped wherever they still are. The K/V they wrote past that position
+are zeroed before the next batch runs (under the compute lock: a batch computing when the rollback
+came may still write there), so the cache holds exactly what it would had they never run.
+Correctness does not depend on it: a query never sees keys past its own position, and the
+watermark makes the corrected rows overwrite each position before any later row reads it.
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ class StageServer:
         self.metrics = StageMetrics(stage_index)
         # Last stage: verified tokens of speculative rows, by sequence and (position, epoch).
         self._verified: dict[str, dict[tuple[int, int], asyncio.Future]] = {}
+        self._rolled_back: set[str] = set()  # sequences whose K/V past the rollback are not zeroed yet
         self._sweeper: asyncio.Task | None = None
         logger.info(
             f"stage {stage_index}: layers {start + 1}..{end} on {self.config.device}, KV budget "
@@ -250,9 +253,19 @@ class StageServer:
         if sequence is None or epoch <= sequence.epoch:
             return
         sequence.rollback(epoch)
+        self._rolled_back.add(seq_id)
         waiting = self._verified.get(seq_id, {})
         for key in [k for k in waiting if k[1] < epoch]:
             waiting.pop(key).cancel()
+
+    def _zero_rolled_back(self) -> None:
+        """Zero the K/V of rolled-back sequences from their rollback position on. Called under the
+        compute lock before each batch: the batch that runs a rollback's first row, or any batch
+        before it, comes after every write of the rolled-back rows."""
+        for seq_id in self._rolled_back:
+            if (sequence := self.sequences.get(seq_id)) is not None:
+                self.layers.cache.truncate(sequence.slot, sequence.epoch)
+        self._rolled_back.clear()
 
     def _gone(self, seq_id: str) -> Unavailable:
         if seq_id in self.sequences:  # held, but the row came from before a rollback
@@ -278,6 +291,7 @@ class StageServer:
             # rolled back meanwhile: each such row fails alone.
             rows = self._current(Rows.concat([m.rows for m in messages]))
             fill = self._current(Rows.concat([m.fill for m in messages]))
+            self._zero_rolled_back()
             started = time.perf_counter()
             exited, continuing, fill_out, spawned = await asyncio.to_thread(self._compute, rows, fill)
             self.compute_s += time.perf_counter() - started
