@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from sedac_ray.sim.calibration import TOLERANCE, figures
+from sedac_ray.sim.calibration import KNOWN_MISSES, TOLERANCE, figures
 from sedac_ray.sim.scenarios import SCENARIOS, assumed_exit_layers, predict
 
 ACCEPTANCE = (0.0, 0.5, 0.7, 0.9)
@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{figure.name:<62}{figure.measured:>10.1f}{figure.predicted:>11.1f}"
             f"{figure.error:>+8.0%}  {figure.role}"
         )
-    worst = max(abs(f.error) for f in checked if f.role == "prediction")
-    print(f"largest prediction error {worst:.0%} (tolerance {TOLERANCE:.0%})\n")
+    held = [abs(f.error) for f in checked if f.role == "prediction" and f.name not in KNOWN_MISSES]
+    print(f"largest prediction error {max(held):.0%} (tolerance {TOLERANCE:.0%})")
+    for name, (_, why) in KNOWN_MISSES.items():
+        print(f"known miss: {name}: {why}")
+    print()
 
     predictions = []
     for scenario in SCENARIOS:

@@ -101,6 +101,8 @@ class Pipeline:
     front_door_gather_ms: float = 0.0
     # Speculative steps skip the groups: they merge with the steps issued within this window.
     front_door_merge_ms: float = 0.0
+    # Stage 0 waits this long for company when a lone message reaches it idle (its batcher's wait).
+    stage0_wait_ms: float = 0.0
     fused_head: bool = False  # the single-process engine: one stage whose step includes the head
 
     def __post_init__(self) -> None:
@@ -173,6 +175,8 @@ class _Server:
         self.busy = False
         self.waiting_for_device = False
         self.batches: list[int] = []
+        self.messages = 0  # messages queued since the last batch
+        self.waited = False  # the lone-message wait is over (or running)
 
 
 class _Device:
@@ -259,6 +263,7 @@ class Simulation:
                 self._front_door(rows)
             else:
                 server.queue.extend(rows)
+                server.messages += 1
                 # After every arrival of this instant: a batch takes all rows that arrive together.
                 self.at(0.0, lambda: self._try_start(server))
 
@@ -295,7 +300,17 @@ class Simulation:
     # ---- servers ----------------------------------------------------------------------------
 
     def _try_start(self, server: _Server) -> None:
-        if server.busy or server.waiting_for_device or not server.queue:
+        if server.busy or server.waiting_for_device or not server.queue or server.waited is None:
+            return
+        wait = self.pipeline.stage0_wait_ms
+        if server is self.stages[0] and wait > 0 and server.messages == 1 and not server.waited:
+            server.waited = None  # waiting
+
+            def waited() -> None:
+                server.waited = True
+                self._try_start(server)
+
+            self.at(wait, waited)
             return
         server.waiting_for_device = True
         self._acquire(self.devices[server.name], lambda: self._start(server))
@@ -305,6 +320,7 @@ class Simulation:
         server.waiting_for_device = False
         device = self.devices[server.name]
         batch = self._take_batch(server)
+        server.messages, server.waited = 0, False
         if not batch:
             self._release(device)
             return
