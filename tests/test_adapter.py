@@ -51,3 +51,31 @@ def test_verification_catches_what_the_adapter_cannot_see():
     )
     with pytest.raises(UnsupportedArchitecture, match="does not reproduce"):
         ModelAdapter(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_released_layers_free_their_weights_and_the_kept_range_runs_unchanged(arch):
+    from sedac_ray.runtime.layer_range import LayerRange
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]()).eval()
+    adapter = ModelAdapter(model)
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+
+    def run(start: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
+        layers = LayerRange(adapter, start, end)
+        with torch.inference_mode():
+            return layers.prefill(torch.tensor(layers.cache.allocate(1)), positions, hidden)
+
+    with torch.inference_mode():
+        entering = run(0, 2, adapter.embed_tokens(ids))
+    before = run(2, 4, entering)
+    kept = sum(p.numel() for index in (2, 3) for p in adapter.layers[index].parameters())
+
+    assert adapter.release_layers(range(2, 4)) == adapter.num_layers - 2
+    assert sum(p.numel() for p in adapter.layers.parameters()) == kept
+    assert torch.equal(run(2, 4, entering), before)
+    with pytest.raises(RuntimeError, match="decoder layer 0 was released"):
+        run(0, 2, entering)
+    assert adapter.release_layers(range(2, 4)) == 0

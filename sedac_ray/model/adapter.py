@@ -25,6 +25,18 @@ class KVWritten(Exception):
     (attention, MLP) is skipped. This is state propagation without touching the model's code."""
 
 
+class ReleasedLayer(nn.Module):
+    """Stands in for a decoder layer whose weights this process gave up (a pipeline stage holds
+    only its own layers); running it is a bug, and says so."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"decoder layer {self.index} was released: this process does not hold it")
+
+
 class ModelAdapter:
     """Embedding, decoder layers, final norm, LM head, rotary embedding and masks of one model."""
 
@@ -153,6 +165,19 @@ class ModelAdapter:
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
+
+    def release_layers(self, keep: range) -> int:
+        """Drop the decoder layers outside ``keep`` so their weights are freed: a pipeline stage
+        runs only its own range, and the LM head none. Returns how many were dropped. Afterwards
+        the model's own forward (and :meth:`verify`) no longer work."""
+        dropped = 0
+        for index in range(self.num_layers):
+            if index not in keep and not isinstance(self.layers[index], ReleasedLayer):
+                self.layers[index] = ReleasedLayer(index)
+                dropped += 1
+        if dropped and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed blocks back, for the KV cache and others
+        return dropped
 
     # ---- self-check ----------------------------------------------------------------------
 

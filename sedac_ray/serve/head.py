@@ -21,6 +21,7 @@ class HeadServer:
             torch.set_num_threads(self.config.torch_threads)
         loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
         self.adapter = ModelAdapter(loaded.model)
+        self.adapter.release_layers(range(0))  # the head runs no decoder layer
         # Exit groups arrive as whole batches from the stages: no waiting for company.
         self.batcher = Batcher(self.sample_batch, self.config.max_batch_size, wait_s=0.0)
 

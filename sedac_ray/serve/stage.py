@@ -104,6 +104,7 @@ class StageServer:
         self.adapter = ModelAdapter(loaded.model)
         self.stage_index = stage_index
         start, end = self.config.layer_ranges(self.adapter.num_layers)[stage_index]
+        self.adapter.release_layers(range(start, end))  # after the adapter's whole-model check
         self.layers = LayerRange(self.adapter, start, end)
         self.next_stage, self.head = next_stage, head
         self.sequences: dict[str, _Sequence] = {}
