@@ -126,32 +126,27 @@ class Requests:
         its arrival to its last token and its tokens include the prefill's; ms per token is the
         median over requests, tokens/s counts until the last request ends."""
         latencies = [self.prefill_trip_ms + finished for finished in result.finished_ms]
-        tokens = [length + 1 for length in lengths(self.workload)]
+        tokens = [length + 1 for length in self.workload.tokens]
         tpot = statistics.median(latency / n for latency, n in zip(latencies, tokens, strict=True))
         return tpot, 1000 * sum(tokens) / max(latencies)
 
 
-def lengths(workload: Workload) -> list[int]:
-    if isinstance(workload.tokens, int):
-        return [workload.tokens] * workload.concurrency
-    return list(workload.tokens)
-
-
 def benchmark_requests(
     speculative: dict,
-    tokens: int | list[int],
+    lengths: list[int],
     hop_ms: float,
     exit_layers: list[int] = (),
     acceptance: float = 1.0,
 ) -> Requests:
+    """One request per entry of ``lengths`` (its decode tokens)."""
     prefill_ms = 1000 * next(
         r["prefill_s"] for r in speculative["rows"] if r["mode"] == "no exit" and r["batch"] == 1
     )
     trip = prefill_ms + (PIPELINE_STAGES + 2) * hop_ms
-    concurrency = 1 if isinstance(tokens, int) else len(tokens)
+    concurrency = len(lengths)
     workload = Workload(
         concurrency,
-        tokens,
+        lengths,
         exit_layers=list(exit_layers),
         acceptance=acceptance,
         stagger_ms=concurrency * trip,

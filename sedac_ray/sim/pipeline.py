@@ -7,6 +7,11 @@ per layer, the rows that run it plus the rows that only get their K/V filled; th
 depends on its rows. Every message between servers takes ``hop_ms``; all rows going from one
 server to the next in one batch travel as one message.
 
+Batching as served, where :class:`Pipeline` sets it: the front door merges steps into at most
+``front_door_in_flight`` stage-0 messages, each waiting up to ``front_door_gather_ms`` for its
+group; speculative steps merge only within ``front_door_merge_ms``; stage 0 waits
+``stage0_wait_ms`` for company when a lone message finds it idle.
+
 Devices: each server runs on a device. ``shared_slots=None`` gives every stage and the head a
 device of its own (one GPU each); ``shared_slots=n`` puts them all on one machine that runs at
 most ``n`` computations at once (a CPU box with ``n`` cores, one thread per replica). There a
@@ -135,12 +140,11 @@ class Result:
     rows_wasted: int  # speculative: stage rows computed for positions that were rolled back
     drafts_verified: int  # speculative: drafts whose full-depth token came back
     accepted: int
-    started_ms: list[float]  # per sequence: its first step
-    finished_ms: list[float]  # per sequence: its last token
+    finished_ms: list[float]  # per sequence: when its last token came
 
     def as_dict(self) -> dict:
         """The summary, without the per-sequence times."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("started_ms", "finished_ms")}
+        return {k: v for k, v in self.__dict__.items() if k != "finished_ms"}
 
 
 @dataclass
@@ -176,7 +180,8 @@ class _Server:
         self.waiting_for_device = False
         self.batches: list[int] = []
         self.messages = 0  # messages queued since the last batch
-        self.waited = False  # the lone-message wait is over (or running)
+        self.waiting_for_company = False  # stage 0: a lone message waits a little for others
+        self.waited = False  # that wait is over: the next batch starts without another
 
 
 class _Device:
@@ -249,7 +254,6 @@ class Simulation:
             rows_wasted=self.rows_computed - useful if self.mode == "speculative" else 0,
             drafts_verified=self.drafts_verified,
             accepted=self.accepted,
-            started_ms=[s.started_ms for s in self.sequences],
             finished_ms=[s.finished_ms for s in self.sequences],
         )
 
@@ -300,14 +304,14 @@ class Simulation:
     # ---- servers ----------------------------------------------------------------------------
 
     def _try_start(self, server: _Server) -> None:
-        if server.busy or server.waiting_for_device or not server.queue or server.waited is None:
+        if server.busy or server.waiting_for_device or server.waiting_for_company or not server.queue:
             return
         wait = self.pipeline.stage0_wait_ms
         if server is self.stages[0] and wait > 0 and server.messages == 1 and not server.waited:
-            server.waited = None  # waiting
+            server.waiting_for_company = True
 
             def waited() -> None:
-                server.waited = True
+                server.waiting_for_company, server.waited = False, True
                 self._try_start(server)
 
             self.at(wait, waited)
