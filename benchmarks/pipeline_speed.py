@@ -53,12 +53,17 @@ def stage_counts(pipeline: LocalPipeline) -> list[tuple[int, int]]:
     return [(s["decode_rows"], s["decode_batches"]) for s in stats]
 
 
-def mean_batch_rows(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> list[float]:
-    """Rows per decode batch in each stage replica between two :func:`stage_counts`."""
+def counts_between(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(decode rows, decode batches) in each stage replica between two :func:`stage_counts`."""
     return [
-        round((rows - rows0) / max(1, batches - batches0), 2)
+        (rows - rows0, batches - batches0)
         for (rows0, batches0), (rows, batches) in zip(before, after, strict=True)
     ]
+
+
+def mean_batch_rows(counts: list[tuple[int, int]]) -> list[float]:
+    """Rows per decode batch in each stage replica."""
+    return [round(rows / max(1, batches), 2) for rows, batches in counts]
 
 
 def main() -> None:
@@ -117,7 +122,7 @@ def main() -> None:
                     "mean_layers": statistics.fmean(x for a in answers for x in a["exit_layers"]),
                     "identical_to_engine": f"{same}/{len(answers)}",
                     # rows per decode batch in each stage, over this measurement only
-                    "stage_mean_batch_rows": mean_batch_rows(before, after),
+                    "stage_mean_batch_rows": mean_batch_rows(counts_between(before, after)),
                 }
             )
             print(rows[-1], flush=True)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 from engine_speed import PROMPTS  # the same prompts as the other benchmarks
-from pipeline_speed import PIPELINE_ARGS, mean_batch_rows, stage_counts  # the same served app
+from pipeline_speed import PIPELINE_ARGS, counts_between, mean_batch_rows, stage_counts  # same app
 
 from sedac_ray import Engine, ExitPolicy, load_model
 from sedac_ray.runtime.layer_range import LayerRange, TokenRows
@@ -184,13 +184,9 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
             seconds, answers[config] = run(config)
             after = stage_counts(pipeline)
             times[config].append(seconds)
-            previous = stage_work.get(config, [(0, 0)] * len(after))
-            stage_work[config] = [
-                (rows + rows1 - rows0, batches + batches1 - batches0)
-                for (rows, batches), (rows0, batches0), (rows1, batches1) in zip(
-                    previous, before, after, strict=True
-                )
-            ]
+            work = counts_between(before, after)
+            so_far = stage_work.get(config, [(0, 0)] * len(work))
+            stage_work[config] = [(r + r1, b + b1) for (r, b), (r1, b1) in zip(so_far, work, strict=True)]
         print(f"pipeline round {round_no + 1}/{args.pipeline_rounds} done", flush=True)
     pipeline.stop()
 
@@ -219,7 +215,7 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
             ),
             "mean_exit_layer": statistics.fmean(x for a in mine for x in a["choices"][0]["exit_layers"][1:]),
             "exit_layers": [a["choices"][0]["exit_layers"][1:] for a in mine],
-            "stage_mean_batch_rows": mean_batch_rows([(0, 0)] * len(stage_work[config]), stage_work[config]),
+            "stage_mean_batch_rows": mean_batch_rows(stage_work[config]),
         }
         if config.mode == "speculative":
             counted = [f.name for f in fields(SpeculativeStats)]  # the response adds derived ratios
