@@ -206,6 +206,15 @@ def calibrated_pipeline(speculative: dict, pipeline: dict) -> tuple[Pipeline, li
     return model, fits
 
 
+def all_exit_layers(row: dict) -> list[int]:
+    """A benchmark row's exit layers, every sequence's together."""
+    return [x for per_sequence in row["exit_layers"] for x in per_sequence]
+
+
+def row_label(row: dict) -> str:
+    return row["mode"] if row["policy"] == "-" else f"{row['mode']}, {row['policy']}"
+
+
 def engine_figures(speculative: dict) -> tuple[list[Figure], Pipeline]:
     """The engine's decode step without and with exits, at batch 1 and 8."""
     engine = engine_model(
@@ -215,10 +224,10 @@ def engine_figures(speculative: dict) -> tuple[list[Figure], Pipeline]:
     for row in speculative["rows"]:
         if row["system"] != "engine" or row["mode"] == "speculative":
             continue  # the engine's speculative mode verifies in chunks: not what the pipeline does
-        layers = [x for per_sequence in row["exit_layers"] for x in per_sequence]
+        layers = all_exit_layers(row)
         mode = "no_exit" if row["mode"] == "no exit" else "early_exit"
         workload = Workload(row["batch"], speculative["new_tokens"] - 1, exit_layers=layers)
-        label = row["mode"] if row["policy"] == "-" else f"{row['mode']}, {row['policy']}"
+        label = row_label(row)
         out.append(
             Figure(
                 f"engine, {label}, batch {row['batch']}: ms per decode step",
@@ -234,7 +243,7 @@ def pipeline_speed_figures(speculative: dict, pipeline: dict, model: Pipeline) -
     """``benchmarks/pipeline_speed.py``: early exit at 1 and 16 streams, and no exit at 16 streams
     in time per token. Its rows hold no exit layers: the engine's for the same policy stand in."""
     engine_exits = {
-        row["policy"]: [x for per_sequence in row["exit_layers"] for x in per_sequence]
+        row["policy"]: all_exit_layers(row)
         for row in speculative["rows"]
         if row["system"] == "engine" and row["mode"] == "early exit" and row["batch"] == 8
     }
@@ -283,7 +292,7 @@ def speculative_speed_figures(speculative: dict, model: Pipeline) -> list[Figure
     batch 1 it says the same as tokens/s, from the last round alone)."""
     last_stage_first_layer = model.boundaries()[-1][0]
     early_exits = {
-        (row["policy"], row["batch"]): [x for per_sequence in row["exit_layers"] for x in per_sequence]
+        (row["policy"], row["batch"]): all_exit_layers(row)
         for row in speculative["rows"]
         if row["system"] == "pipeline" and row["mode"] == "early exit"
     }
@@ -295,20 +304,17 @@ def speculative_speed_figures(speculative: dict, model: Pipeline) -> list[Figure
         if row["mode"] == "early exit":
             layers = early_exits[(row["policy"], row["batch"])]
         elif row["mode"] == "speculative":
-            layers = drafting_exit_layers(
-                early_exits[(row["policy"], row["batch"])],
-                row["speculative"],
-                last_stage_first_layer,
-                model.num_layers,
-            )
             stats = row["speculative"]
+            layers = drafting_exit_layers(
+                early_exits[(row["policy"], row["batch"])], stats, last_stage_first_layer, model.num_layers
+            )
             acceptance = stats["accepted"] / stats["verifications"] if stats["verifications"] else 1.0
         requests = benchmark_requests(
             speculative, [len(x) for x in row["exit_layers"]], model.costs.hop_ms, layers, acceptance
         )
         result = simulate(model, requests.workload, row["mode"].replace(" ", "_"))
         tpot, tokens_per_s = requests.measured_as_benchmarks_do(result)
-        label = row["mode"] if row["policy"] == "-" else f"{row['mode']}, {row['policy']}"
+        label = row_label(row)
         name = f"pipeline, {label}, batch {row['batch']}"
         out.append(Figure(f"{name}: tokens/s", row["tokens_per_s"], tokens_per_s, "prediction"))
         if row["batch"] > 1:
