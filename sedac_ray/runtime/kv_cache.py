@@ -1,7 +1,11 @@
 """Engine-owned KV storage, handed to Hugging Face layers through their ``cache=`` argument.
 
 Storage is one ``[slots, kv_heads, capacity, head_dim]`` tensor pair per layer; a sequence owns
-one slot for its lifetime. Layers see a :class:`CacheView` for the rows of the current call: its
+one slot for its lifetime. Two modes: *growable* (the engine: slots and capacity grow by copying
+as sequences come) and *fixed* (a serving replica: ``num_slots`` x ``capacity`` sized once from
+its KV budget, never copied, so memory use is known at start as vLLM does it). A fixed pool is
+allocated uninitialised and each slot is zeroed on its first use, so untouched slots cost no
+resident memory on a CPU. Layers see a :class:`CacheView` for the rows of the current call: its
 ``update`` writes the new K/V at each row's positions and returns the rows' K/V so far, which
 is the whole protocol Hugging Face attention modules use. Shapes and dtypes come from the first
 write, so nothing here depends on the architecture.
@@ -17,13 +21,28 @@ from sedac_ray.model.adapter import KVWritten
 class SlotKVCache:
     """Per-layer K/V for many sequences, addressed by slot and position."""
 
-    def __init__(self, initial_capacity: int = 64):
+    def __init__(
+        self, initial_capacity: int = 64, *, num_slots: int | None = None, capacity: int | None = None
+    ):
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
+        self.fixed = num_slots is not None
+        if self.fixed:
+            if capacity is None or num_slots < 1 or capacity < 1:
+                raise ValueError(
+                    f"a fixed pool needs num_slots >= 1 and capacity >= 1, got {num_slots}, {capacity}"
+                )
+            initial_capacity = capacity
         self._capacity = initial_capacity
         self._initial_capacity = initial_capacity
-        self._num_slots = 0
-        self._free: list[int] = []
+        self._num_slots = num_slots or 0
+        self._free: list[int] = list(reversed(range(self._num_slots)))
+        self._zeroed: set[int] = set()  # fixed pool: slots whose storage holds finite values
+
+    @property
+    def capacity(self) -> int:
+        """Positions each slot holds."""
+        return self._capacity
 
     # ---- slots -----------------------------------------------------------------------------
 
@@ -35,8 +54,15 @@ class SlotKVCache:
     def slots_in_use(self) -> int:
         return self._num_slots - len(self._free)
 
+    @property
+    def free_slots(self) -> int:
+        """Slots a fixed pool can still hand out (a growable one always has room)."""
+        return len(self._free)
+
     def allocate(self, count: int) -> list[int]:
         """Slots for ``count`` new sequences; freed slots are reused first."""
+        if self.fixed and count > len(self._free):
+            raise ValueError(f"the KV pool has {len(self._free)} free slots, {count} were asked for")
         slots = []
         while self._free and len(slots) < count:
             slots.append(self._free.pop())
@@ -67,6 +93,8 @@ class SlotKVCache:
 
     def reserve(self, length: int) -> None:
         """Make room for positions ``< length`` in every slot (capacity doubles)."""
+        if length > self._capacity and self.fixed:
+            raise ValueError(f"position {length - 1} is past the pool's {self._capacity} positions per slot")
         if length > self._capacity:
             capacity = self._capacity
             while capacity < length:
@@ -84,7 +112,9 @@ class SlotKVCache:
     def shrink(self, capacity: int) -> None:
         """Give memory back: drop the free slots at the end of the storage and cut the capacity to
         ``capacity`` positions (rounded up by doubling). The caller guarantees that no live
-        sequence holds positions beyond it."""
+        sequence holds positions beyond it. A fixed pool keeps its size."""
+        if self.fixed:
+            return
         num_slots = self._num_slots
         while num_slots and num_slots - 1 in self._free:
             num_slots -= 1
@@ -121,9 +151,24 @@ class SlotKVCache:
     def _storage(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self._keys:
             shape = (self._num_slots, like.shape[1], self._capacity, like.shape[3])
-            self._keys[layer] = like.new_zeros(shape)
-            self._values[layer] = like.new_zeros(shape)
+            if self.fixed:  # pages of slots never used stay unallocated
+                self._keys[layer], self._values[layer] = like.new_empty(shape), like.new_empty(shape)
+                for slot in self._zeroed:
+                    self._keys[layer][slot].zero_()
+                    self._values[layer][slot].zero_()
+            else:
+                self._keys[layer] = like.new_zeros(shape)
+                self._values[layer] = like.new_zeros(shape)
         return self._keys[layer], self._values[layer]
+
+    @torch.inference_mode()
+    def _zero_on_first_use(self, slots: list[int]) -> None:
+        # Zeros, not garbage: masked keys still enter q.k, and NaN * 0 is NaN.
+        for slot in slots:
+            if slot not in self._zeroed:
+                for tensor in (*self._keys.values(), *self._values.values()):
+                    tensor[slot].zero_()
+                self._zeroed.add(slot)
 
     def read(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of one slot's first ``length`` positions (``[kv_heads, length, head_dim]``); for tests."""
@@ -140,6 +185,8 @@ class CacheView:
         self.fill_only = fill_only
         self.key_length = int(positions.max()) + 1
         cache.reserve(self.key_length)
+        if cache.fixed:
+            cache._zero_on_first_use(slot_list)
         self._slot_index = torch.tensor(slot_list, device=positions.device).unsqueeze(1)
         first = slot_list[0] if slot_list else 0
         # Rows in consecutive slots read their K/V as a view instead of a gather.

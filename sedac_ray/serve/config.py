@@ -31,7 +31,9 @@ class PipelineConfig:
     torch_threads: int | None = None  # intra-op threads per replica (None: what Ray sets, 1 per CPU)
     # Admission and limits: past them a request gets 429 / RESOURCE_EXHAUSTED (or 413), never an OOM.
     max_concurrent_requests: int = 64  # per front-door replica
-    kv_budget_mb: float | None = 512.0  # KV cache per stage replica (None: unbounded)
+    kv_budget_mb: float | None = 512.0  # KV pool per stage replica (None: max_concurrent_requests sequences)
+    max_model_len: int | None = None  # positions per sequence (prompt + max_tokens); None: min(model's, 2048)
+    prefill_chunk_tokens: int = 256  # a stage prefills long prompts this many tokens at a time
     max_request_bytes: int = 1 << 20  # HTTP body or gRPC message
     request_timeout_s: float = 300.0  # whole request, prefill to last token
     kv_lease_s: float = 120.0  # a stage frees a sequence that saw no traffic this long (orphaned)
@@ -50,10 +52,16 @@ class PipelineConfig:
         config.default_policy()  # fail at build time, not on the first request
         if config.boundaries is None and config.stages < 1:
             raise ValueError(f"stages must be >= 1, got {config.stages}")
-        for name in ("max_concurrent_requests", "max_request_bytes", "max_batch_size", "draft_limit"):
+        for name in (
+            "max_concurrent_requests",
+            "max_request_bytes",
+            "max_batch_size",
+            "draft_limit",
+            "prefill_chunk_tokens",
+        ):
             if getattr(config, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-        for name in ("request_timeout_s", "step_timeout_s", "kv_budget_mb", "kv_lease_s"):
+        for name in ("request_timeout_s", "step_timeout_s", "kv_budget_mb", "kv_lease_s", "max_model_len"):
             value = getattr(config, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -76,6 +84,15 @@ class PipelineConfig:
                 f"boundaries {self.boundaries} must increase strictly within 1..{num_layers - 1}"
             )
         return list(zip(cuts, cuts[1:], strict=False))
+
+    def model_len(self, model_max: int) -> int:
+        """Positions each sequence may use: ``max_model_len``, or the model's context up to 2048
+        (every stage reserves that many per sequence, so the default stays modest)."""
+        if self.max_model_len is None:
+            return min(model_max, 2048)
+        if self.max_model_len > model_max:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context of {model_max}")
+        return self.max_model_len
 
     def default_policy(self) -> ExitPolicy:
         allowed = {"tau", "k", "min_layer", "window", "disable"}

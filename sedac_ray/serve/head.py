@@ -1,4 +1,5 @@
-"""The LM-head deployment: final norm, LM head and sampling for tokens from any stage."""
+"""The LM-head deployment: final norm, LM head and sampling for tokens that exit before the last
+stage (the last stage reads out its own rows with :func:`read_out`)."""
 
 from __future__ import annotations
 
@@ -31,11 +32,7 @@ class HeadServer:
 
     async def sample_batch(self, messages: list[Rows]) -> list[dict[str, TokenResult]]:
         rows = Rows.concat(messages)
-        tokens = await asyncio.to_thread(self._choose, rows)
-        chosen = [
-            TokenResult(token, int(layer))
-            for token, layer in zip(tokens, rows.exit_layer.tolist(), strict=True)
-        ]
+        chosen = await asyncio.to_thread(read_out, self.adapter, rows)
         # Split by message, not by sequence: a speculative sequence may have two rows here at once
         # (a draft from one stage and the verification of its previous token from another).
         answers, start = [], 0
@@ -44,7 +41,12 @@ class HeadServer:
             start += len(message)
         return answers
 
-    def _choose(self, rows: Rows) -> list[int]:
-        with torch.inference_mode():
-            hidden = unpack_hidden(rows.hidden, rows.hidden_dtype, self.adapter.device)
-            return choose_tokens(self.adapter.logits(hidden), rows.sampling, rows.positions.tolist())
+
+def read_out(adapter: ModelAdapter, rows: Rows) -> list[TokenResult]:
+    """The next token of each row, chosen from ``lm_head(final_norm(hidden))``."""
+    with torch.inference_mode():
+        hidden = unpack_hidden(rows.hidden, rows.hidden_dtype, adapter.device)
+        tokens = choose_tokens(adapter.logits(hidden), rows.sampling, rows.positions.tolist())
+    return [
+        TokenResult(token, int(layer)) for token, layer in zip(tokens, rows.exit_layer.tolist(), strict=True)
+    ]
