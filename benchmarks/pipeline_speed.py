@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 from engine_speed import PROMPTS  # the same prompts as the engine benchmark
 
 from sedac_ray import Engine, ExitPolicy, load_model
@@ -45,6 +47,29 @@ def request(url: str, prompt: str, max_tokens: int, sedac: dict) -> dict:
         "exit_layers": [c["exit_layer"] for c in choices],
         "latency_s": time.perf_counter() - start,
     }
+
+
+def replica_memory_mb() -> dict[str, dict[str, float]]:
+    """Peak and current resident memory (MB) of each Serve replica of the app, by deployment
+    name, read from /proc (the replica's process title names its deployment)."""
+    found: dict[str, dict[str, float]] = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        match = re.search(r"ServeReplica:sedac:([A-Za-z0-9]+)", title)
+        if match is None:
+            continue
+        try:
+            status = Path(f"/proc/{proc.info['pid']}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        name = match.group(1)
+        suffix = f"#{sum(k.startswith(name) for k in found)}" if name in found else ""
+        found[name + suffix] = {
+            "peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024,
+            "rss_mb": int(fields["VmRSS"].split()[0]) / 1024,
+        }
+    return dict(sorted(found.items()))
 
 
 def stage_counts(pipeline: LocalPipeline) -> list[tuple[int, int]]:
@@ -74,11 +99,17 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--out", default="benchmarks/results/pipeline_speed.json")
+    parser.add_argument(
+        "--env", nargs="*", default=[], metavar="NAME=VALUE", help="environment for Ray and the replicas"
+    )
+    parser.add_argument("--app", default="{}", help="JSON overrides of the app args")
     args = parser.parse_args()
+    env = dict(item.split("=", 1) for item in args.env)
+    app_args = {**PIPELINE_ARGS, **json.loads(args.app)}
 
     loaded = load_model()  # also leaves the dequantized copy the replicas load
     engine = Engine(loaded)
-    pipeline = LocalPipeline.start(PIPELINE_ARGS, num_cpus=args.num_cpus)
+    pipeline = LocalPipeline.start(app_args, num_cpus=args.num_cpus, env=env)
     url = f"{pipeline.http_url}/v1/chat/completions"
     request(url, "warm up", 4, {})
 
@@ -126,6 +157,7 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
+    memory = replica_memory_mb()
     pipeline.stop()
 
     names = ["policy", "conc", "engine tok/s", "pipeline tok/s", "ratio", "TPOT ms", "layers", "same"]
@@ -143,7 +175,20 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps({"max_tokens": args.max_tokens, "num_cpus": args.num_cpus, "rows": rows}, indent=2)
+        json.dumps(
+            {
+                "max_tokens": args.max_tokens,
+                "num_cpus": args.num_cpus,
+                "app_args": app_args,
+                "env": env,
+                "rows": rows,
+                "replica_memory_mb": memory,
+            },
+            indent=2,
+        )
+    )
+    print(
+        "\npeak RSS per replica (MB): " + ", ".join(f"{k} {v['peak_rss_mb']:.0f}" for k, v in memory.items())
     )
     print(f"\nwrote {out}")
 

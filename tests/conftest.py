@@ -92,8 +92,10 @@ SERVING_ARGS = {
     "stage_replicas": [1, 2, 1],  # two replicas of Stage1: sticky routing must hold
     "replica_cpus": 0.1,
     "exit": {"tau": 0.99, "k": 3},
-    "max_concurrent_requests": 12,
-    "kv_budget_mb": 32,
+    "max_concurrent_requests": 20,
+    # 512 positions of 10 layers take 7.5 MiB: each stage replica holds 16 sequences.
+    "max_model_len": 512,
+    "kv_budget_mb": 120,
     "max_request_bytes": 64 * 1024,
     "step_timeout_s": 30,
     "kv_lease_s": 20,  # orphans of the replica-kill test are reclaimed within the test

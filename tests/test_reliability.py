@@ -9,6 +9,7 @@ import http.client
 import json
 import math
 import os
+import signal
 import threading
 import time
 import urllib.parse
@@ -19,8 +20,12 @@ import grpc
 import pytest
 
 from sedac_ray.client import SedacClient
+from sedac_ray.sampling import SamplingParams
 from sedac_ray.serve.generated import sedac_pb2
-from tests.conftest import TEST_API_KEY, chat, chat_prompt_ids, hf_greedy, post
+from sedac_ray.serve.local_cluster import APP_NAME
+from sedac_ray.serve.routing import pin
+from sedac_ray.serve.transport import PrefillMessage
+from tests.conftest import SERVING_ARGS, TEST_API_KEY, chat, chat_prompt_ids, hf_greedy, post
 
 pytestmark = pytest.mark.slow
 LONG_PROMPT = "Count from 1 to 200, one number per line."
@@ -225,12 +230,12 @@ def test_request_ids_are_returned_on_both_protocols(pipeline):
 
 
 def test_concurrency_limit_answers_429_and_resource_exhausted(pipeline, smollm2):
-    limit = 12  # SERVING_ARGS["max_concurrent_requests"]
+    limit = 16  # SERVING_ARGS["max_concurrent_requests"]
     with ThreadPoolExecutor(limit) as pool:
         streams = list(pool.map(lambda _: open_stream(pipeline, LONG_PROMPT, 64), range(limit)))
     try:
         code, answer, headers = post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
-        assert code == 429 and "limit of 12 concurrent requests" in answer["error"]["message"]
+        assert code == 429 and "limit of 16 concurrent requests" in answer["error"]["message"]
         assert headers["retry-after"] == "1"
         with pytest.raises(grpc.RpcError) as caught:
             raw_generate(pipeline, sedac_pb2.GenerateRequest(prompt="hi", max_tokens=2))
@@ -244,23 +249,34 @@ def test_concurrency_limit_answers_429_and_resource_exhausted(pipeline, smollm2)
 
 
 def test_kv_budget_refuses_what_cannot_fit_and_admits_again_when_freed(pipeline, smollm2):
-    # Stage 0 holds 10 layers x 2 x 3 heads x 64 x 4 bytes = 15 KiB per position; budget 32 MiB.
-    code, answer, _ = post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 3000})
-    assert code == 413 and "budget of 32 MiB" in answer["error"]["message"]
-    holder = open_stream(pipeline, LONG_PROMPT, 1000)  # reserves 2048 positions: 30 MiB
+    # Each stage replica's KV pool holds 16 sequences of max_model_len=512 positions.
+    code, answer, _ = post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 600})
+    assert code == 413 and "max_model_len" in answer["error"]["message"], answer
+    stage0 = pipeline.local.handle("Stage0")
+    held = [
+        (
+            f"holder-{i}",
+            stage0.prefill.remote(PrefillMessage(f"holder-{i}", SamplingParams(), [1, 2], max_length=8)),
+        )
+        for i in range(16)
+    ]
+    routes = {seq_id: call.result().route for seq_id, call in held}  # Stage0's pool is full now
     try:
-        code, answer, headers = post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 1000})
+        code, answer, headers = post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 4})
         assert code == 429 and "KV budget" in answer["error"]["message"] and "retry-after" in headers
         with pytest.raises(grpc.RpcError) as caught:
-            raw_generate(pipeline, sedac_pb2.GenerateRequest(prompt="hi", max_tokens=1000))
+            raw_generate(pipeline, sedac_pb2.GenerateRequest(prompt="hi", max_tokens=4))
         assert (
             caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             and "KV budget" in caught.value.details()
         )
     finally:
-        holder.cancel()
+        for seq_id, route in routes.items():
+            for stage, replica in enumerate(route):
+                handle = pipeline.local.handle(f"Stage{stage}").options(session_id=pin(replica))
+                handle.release.remote([seq_id]).result()
     wait_for_kv_released(pipeline)
-    assert chat(pipeline, "Say hi.", max_tokens=1000)["choices"][0]["finish_reason"] == "stop"
+    assert chat(pipeline, "Say hi.", max_tokens=400)["choices"][0]["finish_reason"] == "stop"
 
 
 def test_cancelled_streams_do_not_disturb_the_requests_batched_with_them(pipeline, smollm2):
@@ -341,46 +357,72 @@ def test_metrics_endpoint_exposes_the_named_series(pipeline):
     assert any('code="400"' in line and 'protocol="http"' in line for line in errors), errors
 
 
-def test_a_stage_replica_killed_under_load_gives_clean_errors_then_recovers(pipeline, smollm2):
-    import ray
-
-    prompts = [f"Count from {i} to {i + 9}." for i in range(4)] * 2
-    references = {
-        p: hf_greedy(smollm2.model, chat_prompt_ids(smollm2.tokenizer, p), 24) for p in set(prompts)
-    }
-
-    def send(prompt: str) -> tuple[int, dict | str]:
-        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 24}
-        code, answer, _ = post(pipeline, "/v1/chat/completions", {**body, "sedac": {"disable_exit": True}})
-        return code, answer
-
-    replicas = [
-        actor
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if "Stage1" in actor["name"] and actor["name"].startswith("SERVE_REPLICA")
-    ]
-    assert len(replicas) == 2, replicas
-    killer = threading.Timer(
-        2.0, lambda: ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
+def stream_text(pipeline, prompt: str, max_tokens: int) -> tuple[list[int], str]:
+    """Token ids and text of an SSE chat stream (exits off); an error event fails the test."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True}
+    code, text, _ = post(pipeline, "/v1/chat/completions", {**body, "sedac": {"disable_exit": True}})
+    assert code == 200, text
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    errors = [e["error"] for e in events if "error" in e]
+    assert not errors, errors
+    choices = [e["choices"][0] for e in events if e.get("choices")]
+    return [c["token_id"] for c in choices if "token_id" in c], "".join(
+        c["delta"].get("content", "") for c in choices
     )
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        killer.start()
-        results = list(zip(prompts, pool.map(send, prompts), strict=True))
-    killer.join()
-    codes = [code for _, (code, _) in results]
-    assert set(codes) <= {200, 503}, results  # clean answers only: no 500s, no hangs
-    for prompt, (code, answer) in results:
-        if code == 200:  # never another request's tokens
-            assert answer["choices"][0]["token_ids"] == references[prompt], prompt
-        else:
-            assert "retry" in answer["error"]["message"], answer
-    deadline = time.monotonic() + 90  # Serve replaces the replica
+
+
+def streams_survive(pipeline, smollm2, disrupt, count: int = 16, max_tokens: int = 32) -> None:
+    """``count`` SSE streams (exits off) run while ``disrupt()`` acts once they are mid-answer:
+    every stream must end normally, with exactly full-depth greedy decoding."""
+    prompts = [f"Count from {i} to {i + 20}, one number per line." for i in range(count)]
+    expected = {
+        p: hf_greedy(smollm2.model, chat_prompt_ids(smollm2.tokenizer, p), max_tokens) for p in prompts
+    }
+    with ThreadPoolExecutor(count) as pool:
+        futures = {p: pool.submit(stream_text, pipeline, p, max_tokens) for p in prompts}
+        deadline = time.monotonic() + 120
+        while sum(s["decode_rows"] for s in running_replicas(pipeline, "Stage1")) < 4 * count:
+            assert time.monotonic() < deadline, "the streams never got going"
+            time.sleep(0.2)
+        assert not any(f.done() for f in futures.values()), "the disruption came after the answers"
+        disrupt()
+        for prompt, future in futures.items():
+            tokens, text = future.result(timeout=300)
+            assert tokens == expected[prompt], prompt
+            assert text == smollm2.tokenizer.decode(expected[prompt], skip_special_tokens=True)
+    wait_for_kv_released(pipeline, timeout_s=60)
+
+
+def test_streams_survive_a_stage_replica_killed_mid_answer(pipeline, smollm2):
+    """SIGKILL one of Stage1's two replicas while 16 streams are mid-answer: the sequences it held
+    are replayed on the other (prompt plus committed tokens), so every stream ends normally with
+    full-depth greedy text; Serve then brings the replica back."""
+    replicas = running_replicas(pipeline, "Stage1")
+    assert len(replicas) == 2, replicas
+    streams_survive(pipeline, smollm2, lambda: os.kill(replicas[0]["pid"], signal.SIGKILL))
+    deadline = time.monotonic() + 120  # Serve replaces the replica
     while len(running_replicas(pipeline, "Stage1")) < 2:
         assert time.monotonic() < deadline, "Stage1 did not get its second replica back"
         time.sleep(1)
-    for prompt in list(references)[:2]:
-        code, answer = send(prompt)
-        assert code == 200 and answer["choices"][0]["token_ids"] == references[prompt]
-    # A replica that died mid-prefill leaves the deeper stage's part unknown to the front door;
-    # the stage reclaims it after kv_lease_s (20 s here).
-    wait_for_kv_released(pipeline, timeout_s=60)
+
+
+def test_streams_survive_a_stage_scaled_down_mid_answer(pipeline, smollm2):
+    """Stage1 scales from 2 replicas to 1 while 16 streams are mid-answer (then back to 2): the
+    removed replica's sequences are replayed on the other, and every stream ends normally."""
+    from ray import serve
+
+    from sedac_ray.serve.app import build_app
+
+    def scale(replicas: int) -> None:
+        args = {**SERVING_ARGS, "stage_replicas": [1, replicas, 1]}
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+
+    try:
+        streams_survive(pipeline, smollm2, lambda: threading.Thread(target=scale, args=(1,)).start())
+        assert len(running_replicas(pipeline, "Stage1")) == 1
+    finally:
+        scale(2)
+        deadline = time.monotonic() + 120
+        while len(running_replicas(pipeline, "Stage1")) < 2:
+            assert time.monotonic() < deadline, "Stage1 did not scale back to 2 replicas"
+            time.sleep(1)

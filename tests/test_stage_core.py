@@ -14,7 +14,7 @@ from sedac_ray.sampling import SamplingParams
 from sedac_ray.serve.errors import Overloaded, RequestTooLarge, Unavailable
 from sedac_ray.serve.head import read_out
 from sedac_ray.serve.stage_core import PrefillChunk, StageCore, kv_bytes_per_position
-from sedac_ray.serve.transport import SPECULATIVE, Rows
+from sedac_ray.serve.transport import SPECULATIVE, Rows, pack_hidden
 from tests.conftest import TINY_CONFIGS
 
 NO_EXIT = ExitPolicy.disabled()
@@ -188,3 +188,52 @@ def test_a_rollback_leaves_kv_as_if_the_void_rows_never_existed(tiny):
         ):
             torch.testing.assert_close(mine[:, : n + 2], reference[:, : n + 2], rtol=1e-5, atol=1e-5)
             assert torch.count_nonzero(mine[:, n + 2 :]) == 0  # the void row's K/V are gone
+
+
+@pytest.mark.slow
+def test_three_stage_cores_in_bf16_equal_the_engine_in_bf16():
+    """SmolLM2 in bf16 split over three stage cores (hidden states crossing as packed bf16 bits,
+    as between replicas) decodes exactly what the single-process engine decodes in bf16."""
+    from sedac_ray import Engine
+    from sedac_ray.model.loading import load_model
+
+    loaded = load_model(dtype="bfloat16")
+    engine = Engine(loaded, policy=NO_EXIT)
+    prompts = ["The three primary colors are", "def fibonacci(n):"]
+    expected = [r.token_ids for r in engine.generate(prompts, max_new_tokens=12, ignore_eos=True)]
+    prompt_ids = [loaded.tokenizer(p)["input_ids"] for p in prompts]
+    adapter = ModelAdapter(loaded.model, verify=False)
+    cores = [
+        StageCore(adapter, a, b, kv_budget_bytes=None, max_model_len=64, max_sequences=2)
+        for a, b in ((0, 10), (10, 20), (20, 30))
+    ]
+    seq_ids = [f"s{i}" for i in range(len(prompts))]
+    for core in cores:
+        for seq_id, ids in zip(seq_ids, prompt_ids, strict=True):
+            core.admit(seq_id, len(ids) + 12)
+    chunks = [PrefillChunk(s, 0, token_ids=ids) for s, ids in zip(seq_ids, prompt_ids, strict=True)]
+    for core in cores:
+        hidden = core.prefill(chunks)
+        chunks = [PrefillChunk(c.seq_id, 0, hidden=h) for c, h in zip(chunks, hidden, strict=True)]
+        for seq_id, ids in zip(seq_ids, prompt_ids, strict=True):
+            core.sequences[seq_id].wrote_prefix(len(ids))
+    last = Rows.concat([rows_for([s], [len(p) - 1], [0]) for s, p in zip(seq_ids, prompt_ids, strict=True)])
+    last.token_ids = None
+    last.hidden, last.hidden_dtype = pack_hidden(torch.stack([c.hidden[-1] for c in chunks]))
+    last.exit_layer = np.full(len(seq_ids), adapter.num_layers)
+    tokens = [a.token for a in read_out(adapter, last)]
+    generated = [[t] for t in tokens]
+    positions = [len(p) for p in prompt_ids]
+    for _ in range(11):
+        rows = rows_for(seq_ids, positions, tokens)
+        for core in cores:
+            out = core.compute(rows, Rows.empty())
+            core.wrote(rows)
+            rows = out.continuing
+        assert out.exited.hidden_dtype == "bfloat16"
+        answers = dict(zip(out.exited.seq_ids, read_out(adapter, out.exited), strict=True))
+        tokens = [answers[s].token for s in seq_ids]
+        for g, t in zip(generated, tokens, strict=True):
+            g.append(t)
+        positions = [p + 1 for p in positions]
+    assert generated == expected

@@ -18,6 +18,7 @@ from sedac_ray.serve.front_door import FrontDoor
 from sedac_ray.serve.head import HeadServer
 from sedac_ray.serve.stage import StageServer
 
+DEPLOYMENT_LEVEL = ("stage_replicas", "replica_cpus")
 STICKY_ROUTER = RequestRouterConfig(request_router_class="sedac_ray.serve.routing:PinnedReplicaRouter")
 
 # Waiting for K/V (see stage.py) holds a request slot, so stages admit many more requests than
@@ -31,7 +32,9 @@ Ingress = serve.deployment(FrontDoor, name="FrontDoor", max_ongoing_requests=256
 
 def build_app(args: dict | None = None) -> serve.Application:
     config = PipelineConfig.from_args(args)
-    raw = dict(args or {})
+    # Replicas get every setting but the deployment-level ones: scaling a stage then changes only
+    # its replica count, and Serve leaves every other replica (and the KV it holds) running.
+    raw = {k: v for k, v in (args or {}).items() if k not in DEPLOYMENT_LEVEL}
     actor = (
         {"ray_actor_options": {"num_cpus": config.replica_cpus}} if config.replica_cpus is not None else {}
     )

@@ -5,10 +5,12 @@ decoded one step at a time through stage 0, which forwards what continues and wh
 of concurrent sequences merge into one stage-0 message per replica. Whatever ends a sequence
 (its last token, an error, a deadline, a client that hung up) releases its KV in every stage.
 
-Failures of the cluster (a replica died, a stage stopped answering) become
-:class:`~sedac_ray.serve.errors.Unavailable`; such a request is retried once from its prefill
-when the client has seen none of its tokens yet, since the retry then cannot be told apart from
-a first try.
+Failures of the cluster (a replica died, was scaled away, or stopped answering) become
+:class:`~sedac_ray.serve.errors.Unavailable`, and cost a *replay*, not the request: the front
+door knows the prompt and every committed token, so it prefills them again on a new route and
+decoding carries on from the next position (Petals replays a failed span the same way). With
+exits off the replayed sequence computes exactly what it would have; with exits on, the tokens
+that exited get exact K/V in the replay instead of propagated K/V.
 
 Speculative requests (lossless early exit) step on from drafts while the deeper stages verify
 them: :class:`~sedac_ray.serve.speculation.SpeculativeDecode`.
@@ -28,7 +30,7 @@ import numpy as np
 from sedac_ray.completion import Completion
 from sedac_ray.serve.batcher import Batcher
 from sedac_ray.serve.config import PipelineConfig
-from sedac_ray.serve.errors import DeadlineExceeded, ServeError, Unavailable, as_serve_error
+from sedac_ray.serve.errors import DeadlineExceeded, Overloaded, Unavailable, as_serve_error
 from sedac_ray.serve.requests import GenerationRequest
 from sedac_ray.serve.routing import pin
 from sedac_ray.serve.speculation import SpeculativeDecode
@@ -73,86 +75,106 @@ class PipelineDriver:
             max_in_flight=config.max_concurrent_requests * config.draft_limit,
         )
         self._releases: set[asyncio.Task] = set()  # kept referenced until done
-        self.retries = 0
+        self.replays = 0  # sequences moved to a new route after a replica was lost
 
     async def complete(
         self, request: GenerationRequest, new_completion: Callable[[], Completion]
     ) -> Completion:
-        """The whole completion; nothing reaches the client before the end, so it may be retried."""
-        deadline = time.monotonic() + self.config.request_timeout_s
-        attempt = 1
-        while True:
-            completion = new_completion()
-            try:
-                async for _ in self._run(request, completion, deadline):
-                    pass
-                return completion
-            except Exception as err:
-                error = self._retry_or_raise(err, attempt, deadline)
-            logger.warning(f"retrying a request after: {error.message}")
-            attempt += 1
+        """The whole completion; nothing reaches the client before the end."""
+        completion = new_completion()
+        async for _ in self.stream(request, completion):
+            pass
+        return completion
 
     async def stream(self, request: GenerationRequest, completion: Completion) -> AsyncIterator[TokenEvent]:
-        """Tokens as they come; retried only if the failure came before the first token."""
+        """Tokens as they come. A stage replica lost on the way (it died, was scaled away, or
+        stopped answering) costs a replay, never the request: the prompt and the committed tokens
+        are prefilled again on a new route and decoding carries on from the next position, so no
+        token is repeated or lost. Sampling is seeded per (seed, position), so a replayed request
+        samples what it would have."""
         deadline = time.monotonic() + self.config.request_timeout_s
-        attempt = 1
-        while True:
-            delivered = 0
-            try:
-                async for event in self._run(request, completion, deadline):
-                    delivered += 1
-                    yield event
-                return
-            except Exception as err:
-                if delivered:
-                    raise as_serve_error(err) from err
-                error = self._retry_or_raise(err, attempt, deadline)
-            logger.warning(f"retrying a stream after: {error.message}")
-            attempt += 1
-
-    def _retry_or_raise(self, err: Exception, attempt: int, deadline: float) -> ServeError:
-        error = as_serve_error(err)
-        if attempt > 1 or not isinstance(error, Unavailable) or time.monotonic() >= deadline:
-            raise error from err
-        self.retries += 1
-        return error
-
-    async def _run(
-        self, request: GenerationRequest, completion: Completion, deadline: float
-    ) -> AsyncIterator[TokenEvent]:
-        seq_id = uuid.uuid4().hex
-        route: tuple[str, ...] = ()
-        decoding = False
+        seq_id, route = await self._open(request, completion, deadline)
+        routes = {seq_id: route}  # every route this request held, released at the end
+        decoding = not request.speculative
+        self.decoding += decoding  # step groups wait for the sequences decoding
         try:
-            prefill = PrefillMessage(
+            yield self._event(completion, completion.exit_layers[-1])
+            while not completion.finished:
+                try:
+                    if request.speculative:
+                        async for event in self._speculate(seq_id, route, request, completion, deadline):
+                            yield event
+                        return
+                    step = await self._decode(seq_id, route, request, completion, deadline)
+                    completion.add(step.token, step.exit_layer)
+                    yield self._event(completion, step.exit_layer)
+                except Exception as err:
+                    error = as_serve_error(err)
+                    if not isinstance(error, Unavailable):
+                        raise error from err
+                    logger.warning(f"replaying sequence {seq_id} on a new route after: {error.message}")
+                    self._release_later(seq_id, routes.pop(seq_id))
+                    seq_id, route = await self._open(request, completion, deadline, after=error)
+                    routes[seq_id] = route
+                    self.replays += 1
+        finally:
+            self.decoding -= decoding
+            for held, its_route in routes.items():  # detached: a cancelled request must still free its KV
+                self._release_later(held, its_route)
+
+    async def _open(
+        self,
+        request: GenerationRequest,
+        completion: Completion,
+        deadline: float,
+        after: Unavailable | None = None,
+    ) -> tuple[str, tuple[str, ...]]:
+        """Prefill the prompt and every committed token but the newest (the next step's input) on
+        a fresh route; a new request also gets its first token. Retried while replicas are
+        missing, for at most ``step_timeout_s`` of failures in a row."""
+        give_up = time.monotonic() + self.config.step_timeout_s
+        pause = 0.1
+        while True:
+            seq_id = uuid.uuid4().hex
+            prefix = request.prompt_ids + completion.token_ids[:-1]
+            message = PrefillMessage(
                 seq_id,
                 request.sampling,
-                token_ids=request.prompt_ids,
+                token_ids=prefix,
                 max_length=len(request.prompt_ids) + request.max_tokens,
             )
-            result = await self._within(self.stages[0].prefill.remote(prefill), deadline)
-            route, step = result.route, result.first
-            completion.add(step.token, step.exit_layer)
-            yield self._event(completion, step.exit_layer)
-            if request.speculative:
-                async for event in self._speculate(seq_id, route, request, completion, deadline):
-                    yield event
-                return
-            decoding = True
-            self.decoding += 1
-            position = len(request.prompt_ids)
-            while not completion.finished:
-                step = await self._step(seq_id, route, request, position, step.token, deadline)
-                completion.add(step.token, step.exit_layer)
-                yield self._event(completion, step.exit_layer)
-                position += 1
-        finally:
-            if decoding:
-                self.decoding -= 1
-            if route:  # detached: a cancelled request must still free its KV
-                task = asyncio.ensure_future(self._release(seq_id, route))
-                self._releases.add(task)
-                task.add_done_callback(self._releases.discard)
+            try:
+                result = await self._within(self.stages[0].prefill.remote(message), deadline)
+            except Exception as err:
+                error = as_serve_error(err)
+                # A replay also waits for room: its old route's KV is being freed meanwhile.
+                retryable = (Unavailable, Overloaded) if after is not None else Unavailable
+                if not isinstance(error, retryable) or time.monotonic() + pause >= min(give_up, deadline):
+                    raise error from (after or err)
+                logger.warning(f"prefill failed, retrying in {pause:g} s: {error.message}")
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 2.0)
+                continue
+            if not completion.token_ids:  # a replay keeps its tokens; the prefill's own is dropped
+                completion.add(result.first.token, result.first.exit_layer)
+            return seq_id, result.route
+
+    async def _decode(
+        self,
+        seq_id: str,
+        route: tuple[str, ...],
+        request: GenerationRequest,
+        completion: Completion,
+        deadline: float,
+    ) -> TokenResult:
+        """One plain decode step from the newest token, as part of a step group."""
+        position = len(request.prompt_ids) + len(completion.token_ids) - 1
+        return await self._step(seq_id, route, request, position, completion.token_ids[-1], deadline)
+
+    def _release_later(self, seq_id: str, route: tuple[str, ...]) -> None:
+        task = asyncio.ensure_future(self._release(seq_id, route))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     @staticmethod
     def _event(completion: Completion, exit_layer: int) -> TokenEvent:
@@ -207,6 +229,8 @@ class PipelineDriver:
                 last.verified.remote(seq_id, position, epoch), deadline
             ),
         )
+        if completion.speculative is not None:  # a replay: the request's statistics carry on
+            decode.stats = completion.speculative
         completion.speculative = decode.stats
         async for item in decode.run(show_drafts=request.stream_drafts):
             if item.draft:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import time
 
@@ -343,6 +344,7 @@ class StageServer:
         return {
             "stage": self.stage_index,
             "replica": self.replica_id,
+            "pid": os.getpid(),
             "sequences": len(self.core.sequences),
             "admitted": self.core.admitted,
             "decode_rows": self.rows_computed,
