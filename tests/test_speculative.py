@@ -246,9 +246,15 @@ def test_pipeline_speculation_commits_exactly_the_verified_sequence(seed):
         draft = _truth(position + 1) + (1 if position in wrong else 0)
         return TokenResult(draft, 4)
 
-    async def verify(position: int, epoch: int) -> TokenResult:
+    polling: dict[int, int] = {}  # epoch -> verification calls waiting
+
+    async def verify(position: int, epoch: int) -> dict[int, TokenResult]:
+        polling[epoch] = polling.get(epoch, 0) + 1
+        assert polling[epoch] == 1, "one waiting verification call per sequence and epoch"
         await asyncio.sleep(rng.random() * 0.01)
-        return TokenResult(_truth(position + 1), 30)
+        polling[epoch] -= 1
+        ready = range(position, position + rng.choice([1, 1, 2, 3]))  # sometimes several at once
+        return {p: TokenResult(_truth(p + 1), 30) for p in ready}
 
     async def decode():
         completion = Completion(tokenizer=None, max_tokens=max_tokens, eos_ids=set())

@@ -22,12 +22,21 @@ DEPLOYMENT_LEVEL = ("stage_replicas", "replica_cpus")
 STICKY_ROUTER = RequestRouterConfig(request_router_class="sedac_ray.serve.routing:PinnedReplicaRouter")
 
 # Waiting for K/V (see stage.py) holds a request slot, so stages admit many more requests than
-# they batch; batches are capped by PipelineConfig.max_batch_size instead.
+# they batch; batches are capped by PipelineConfig.max_batch_size instead. build_app sizes the
+# slots from the admission limit (see stage_request_slots).
 Stage = serve.deployment(
     StageServer, name="Stage", max_ongoing_requests=256, request_router_config=STICKY_ROUTER
 )
 LMHead = serve.deployment(HeadServer, name="LMHead", max_ongoing_requests=256)
 Ingress = serve.deployment(FrontDoor, name="FrontDoor", max_ongoing_requests=256)
+
+
+def stage_request_slots(config: PipelineConfig) -> int:
+    """Request slots per stage replica. A sequence holds at most three calls at a stage at once
+    (its step, a fill, and at the last stage one verification poll), so 8 per admitted request
+    leaves room for several front-door replicas: steps that would answer waiting calls never
+    queue behind them."""
+    return max(256, 8 * config.max_concurrent_requests)
 
 
 def build_app(args: dict | None = None) -> serve.Application:
@@ -45,7 +54,7 @@ def build_app(args: dict | None = None) -> serve.Application:
     stages: list = []
     next_stage = None
     for index in reversed(range(config.num_stages)):
-        options = {"name": f"Stage{index}", **actor}
+        options = {"name": f"Stage{index}", "max_ongoing_requests": stage_request_slots(config), **actor}
         if replicas is not None:  # otherwise num_replicas or autoscaling comes from the YAML config
             options["num_replicas"] = replicas[index]
         next_stage = Stage.options(**options).bind(raw, index, next_stage, head)

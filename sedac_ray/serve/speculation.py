@@ -11,7 +11,9 @@ stages while the deeper ones verify the last: the overlap of DESIGN §3, scheme 
   resumes from that position with a new epoch (the position itself), which rolls the sequence
   back in each stage as the first row of the epoch gets there (no extra round trip).
 * A row that runs the whole model without exiting is exact as soon as its input is.
-* At most ``draft_limit`` unverified tokens are ahead of the committed ones.
+* At most ``draft_limit`` unverified tokens are ahead of the committed ones, and one call per
+  sequence collects their verifications (it returns all that are ready), so a sequence holds at
+  most one waiting call at the last stage however many drafts it has in flight.
 
 So the output equals full-depth decoding token for token, whatever the exit rule drafts.
 """
@@ -29,8 +31,8 @@ from sedac_ray.speculative import SpeculativeStats
 
 # (position, input token, epoch) -> the row's result: a draft, or a full-depth token
 Step = Callable[[int, int, int], Awaitable[TokenResult]]
-# (position, epoch) -> the full-depth token of that row
-Verify = Callable[[int, int], Awaitable[TokenResult]]
+# (position, epoch) -> full-depth tokens of that row and later ones of the epoch (at least one)
+Verify = Callable[[int, int], Awaitable[dict[int, TokenResult]]]
 
 
 @dataclass
@@ -68,6 +70,9 @@ class SpeculativeDecode:
         self.pending: deque[_Pending] = deque()  # unverified tokens, oldest first
         self._stepping: asyncio.Future | None = None
         self._stepping_position = 0
+        self._checks: dict[int, asyncio.Future] = {}  # position -> its verification, this epoch
+        self._collector: asyncio.Task | None = None
+        self._collecting = 0  # the epoch the collector works for
 
     async def run(self, show_drafts: bool = False) -> AsyncIterator[Committed]:
         """Commits tokens into the completion (whose first token is already there) until it
@@ -113,9 +118,31 @@ class SpeculativeDecode:
             self.pending.append(_Pending(position, result.token, result.exit_layer, None))
             return None
         self.stats.drafts += 1
-        check = asyncio.ensure_future(self._verify(position, self.epoch))
+        check = self._checks[position] = asyncio.get_running_loop().create_future()
+        if self._collector is None or self._collector.done() or self._collecting != self.epoch:
+            self._collecting = self.epoch  # a stale epoch's collector ends when its call does
+            self._collector = asyncio.ensure_future(self._collect(self.epoch))
         self.pending.append(_Pending(position, result.token, result.exit_layer, check))
         return self.pending[-1]
+
+    async def _collect(self, epoch: int) -> None:
+        """Settle this epoch's verifications as they come, one call at a time."""
+        while self._checks and epoch == self.epoch:
+            try:
+                answers = await self._verify(min(self._checks), epoch)
+            except Exception as error:
+                if epoch == self.epoch:  # a stale call's failure means nothing
+                    for check in self._checks.values():
+                        if not check.done():
+                            check.set_exception(error)
+                    self._checks.clear()
+                return
+            if epoch != self.epoch:
+                return
+            for position, answer in answers.items():
+                check = self._checks.pop(position, None)
+                if check is not None and not check.done():
+                    check.set_result(answer)
 
     def _settle(self, draft: _Pending) -> Committed:
         """The oldest draft is verified: commit it, or its verified token, rolling back there."""
@@ -144,6 +171,7 @@ class SpeculativeDecode:
                 future.add_done_callback(_forget)
         self._stepping = None
         self.pending.clear()
+        self._checks.clear()  # the collector of the old epoch stops when its call ends
 
 
 def _forget(future: asyncio.Future) -> None:

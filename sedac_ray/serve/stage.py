@@ -46,7 +46,7 @@ from sedac_ray.serve.errors import ServeError, as_serve_error
 from sedac_ray.serve.head import read_out
 from sedac_ray.serve.metrics import StageMetrics
 from sedac_ray.serve.routing import pin
-from sedac_ray.serve.stage_core import PrefillChunk, StageCore, StageOutput
+from sedac_ray.serve.stage_core import PrefillChunk, StageCore, StageOutput, VerifiedTokens
 from sedac_ray.serve.transport import (
     VERIFY,
     PrefillMessage,
@@ -99,8 +99,7 @@ class StageServer:
         self.batcher = Batcher(self.step_batch, self.config.max_batch_size, wait_s)
         self.prefills = Batcher(self._prefill_batch, self.config.max_batch_size, wait_s)
         self.metrics = StageMetrics(stage_index)
-        # Last stage: verified tokens of speculative rows, by sequence and (position, epoch).
-        self._verified: dict[str, dict[tuple[int, int], asyncio.Future]] = {}
+        self.verifications = VerifiedTokens()  # last stage: drafts' full-depth tokens
         self._sweeper: asyncio.Task | None = None
         logger.info(
             f"stage {stage_index}: layers {start + 1}..{end} on {self.config.device}, KV pool of "
@@ -189,10 +188,8 @@ class StageServer:
         pending: dict[str, asyncio.Future] = {}
         if len(message.rows):
             for seq_id, epoch in zip(message.rows.seq_ids, message.rows.epochs.tolist(), strict=True):
-                if self.core.catch_up(seq_id, epoch):
-                    waiting = self._verified.get(seq_id, {})
-                    for key in [k for k in waiting if k[1] < epoch]:
-                        waiting.pop(key).cancel()
+                if self.core.catch_up(seq_id, epoch):  # stale polls are answered at once
+                    self.verifications.forget(seq_id, before_epoch=epoch)
             rows, lost = await self.core.wait_for_kv(message.rows, self.config.step_timeout_s)
             results.update(lost)
             if len(rows):
@@ -279,30 +276,22 @@ class StageServer:
             rows.seq_ids, rows.positions.tolist(), rows.epochs.tolist(), answers, strict=True
         ):
             sequence = self.core.sequences.get(seq_id)
-            if sequence is None or sequence.epoch != epoch:  # released or rolled back meanwhile
-                continue
-            future = self._verification(seq_id, position, epoch)
-            if not future.done():
-                future.set_result(answer)
+            if sequence is not None and sequence.epoch == epoch:  # not released or rolled back meanwhile
+                self.verifications.keep(seq_id, position, epoch, answer)
 
-    def _verification(self, seq_id: str, position: int, epoch: int) -> asyncio.Future:
-        waiting = self._verified.setdefault(seq_id, {})
-        if (position, epoch) not in waiting:
-            waiting[(position, epoch)] = asyncio.get_running_loop().create_future()
-        return waiting[(position, epoch)]
-
-    async def verified(self, seq_id: str, position: int, epoch: int) -> TokenResult:
-        """The full-depth token of the sequence's row at ``position`` (a draft's verification),
-        once it has run through every stage. Last stage only."""
+    async def verified(self, seq_id: str, position: int, epoch: int) -> dict[int, TokenResult]:
+        """The full-depth tokens of the sequence's rows at ``position`` and later in ``epoch``
+        (drafts' verifications), once at least one has run through every stage. Last stage only.
+        A poll for a sequence that is gone or rolled back past ``epoch`` fails at once."""
         if self.next_stage is not None:
             raise ValueError(f"stage {self.stage_index} is not the last stage: it keeps no verified tokens")
-        sequence = self.core.sequences.get(seq_id)
-        if sequence is None or epoch < sequence.epoch:  # gone, or superseded by a rollback: answer now
-            raise self.core.gone(seq_id)
-        try:
-            return await asyncio.shield(self._verification(seq_id, position, epoch))
-        finally:
-            self._verified.get(seq_id, {}).pop((position, epoch), None)
+
+        def current() -> None:
+            sequence = self.core.sequences.get(seq_id)
+            if sequence is None or epoch < sequence.epoch:
+                raise self.core.gone(seq_id)
+
+        return await self.verifications.collect(seq_id, position, epoch, current)
 
     @staticmethod
     async def _await(response):
@@ -334,9 +323,7 @@ class StageServer:
         async with self.compute_lock:  # never free a slot under a running batch
             self.core.release(seq_ids)
             for seq_id in seq_ids:
-                for future in self._verified.pop(seq_id, {}).values():
-                    if not future.done():
-                        future.set_exception(self.core.gone(seq_id))
+                self.verifications.forget(seq_id)  # its polls see that it is gone
         self._report_kv()
         return len(self.core.sequences)
 

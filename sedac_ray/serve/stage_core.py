@@ -368,3 +368,46 @@ class StageCore:
         if len(result) > incoming:
             parts.append(self._with_hidden(rows, result.ids[incoming:], result.hidden[incoming:]))
         return Rows.concat(parts)
+
+
+class VerifiedTokens:
+    """The last stage's full-depth tokens of VERIFY rows (drafts' verifications), kept until the
+    front door collects them. The front door polls once per sequence at a time, for every
+    verification from a position on, so a sequence never holds more than one waiting call here
+    however many drafts it has in flight."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, dict[tuple[int, int], object]] = {}  # seq -> (position, epoch) -> token
+        self._changed: dict[str, asyncio.Event] = {}
+
+    def keep(self, seq_id: str, position: int, epoch: int, answer) -> None:
+        self._kept.setdefault(seq_id, {})[(position, epoch)] = answer
+        self.wake(seq_id)
+
+    def wake(self, seq_id: str) -> None:
+        """Something changed for the sequence (a verification, a rollback, its release)."""
+        if (event := self._changed.get(seq_id)) is not None:
+            event.set()
+
+    def forget(self, seq_id: str, before_epoch: int | None = None) -> None:
+        """Drop the sequence's verifications (of epochs older than ``before_epoch`` only, if given)."""
+        kept = self._kept.get(seq_id, {})
+        for key in [k for k in kept if before_epoch is None or k[1] < before_epoch]:
+            del kept[key]
+        self.wake(seq_id)
+        if before_epoch is None:
+            self._kept.pop(seq_id, None)
+            self._changed.pop(seq_id, None)
+
+    async def collect(self, seq_id: str, position: int, epoch: int, current) -> dict[int, object]:
+        """Every verification of ``epoch`` at ``position`` or later, once there is at least one.
+        ``current()`` raises once the sequence is gone or rolled back past ``epoch``."""
+        event = self._changed.setdefault(seq_id, asyncio.Event())
+        while True:
+            current()
+            kept = self._kept.get(seq_id, {})
+            ready = {p: kept.pop((p, e)) for p, e in list(kept) if e == epoch and p >= position}
+            if ready:
+                return ready
+            event.clear()
+            await event.wait()
