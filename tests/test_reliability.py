@@ -249,7 +249,7 @@ def test_concurrency_limit_answers_429_and_resource_exhausted(pipeline, smollm2)
 
 
 def test_kv_budget_refuses_what_cannot_fit_and_admits_again_when_freed(pipeline, smollm2):
-    # Each stage replica's KV pool holds 16 sequences of max_model_len=512 positions.
+    # Each stage replica's KV pool holds 20 sequences of max_model_len=512 positions.
     code, answer, _ = post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 600})
     assert code == 413 and "max_model_len" in answer["error"]["message"], answer
     stage0 = pipeline.local.handle("Stage0")
@@ -258,7 +258,7 @@ def test_kv_budget_refuses_what_cannot_fit_and_admits_again_when_freed(pipeline,
             f"holder-{i}",
             stage0.prefill.remote(PrefillMessage(f"holder-{i}", SamplingParams(), [1, 2], max_length=8)),
         )
-        for i in range(16)
+        for i in range(20)
     ]
     routes = {seq_id: call.result().route for seq_id, call in held}  # Stage0's pool is full now
     try:
