@@ -31,21 +31,27 @@ POLICIES = {"no exit": {"disable_exit": True}, "tau=0.97,K=3": {"tau": 0.97, "k"
 PIPELINE_ARGS = {"stages": 3, "replica_cpus": 0.1, "steps_in_flight": 1}
 
 
-def request(url: str, prompt: str, max_tokens: int, sedac: dict) -> dict:
-    """One streaming chat request; returns its tokens, exit layers and latency."""
+def request(url: str, prompt: str, max_tokens: int, sedac: dict, stream: bool) -> dict:
+    """One chat request (server-sent events with ``stream``); returns its tokens, exit layers and
+    latency."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "sedac": sedac}
-    body["stream"] = True
+    body["stream"] = stream
     req = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}, method="POST"
     )
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=600) as response:
-        events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
-    choices = [json.loads(e)["choices"][0] for e in events if e != "[DONE]"]
+        text = response.read().decode()
+    latency = time.perf_counter() - start
+    if not stream:
+        choice = json.loads(text)["choices"][0]
+        return {"token_ids": choice["token_ids"], "exit_layers": choice["exit_layers"], "latency_s": latency}
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    choices = [c for e in events if e != "[DONE]" for c in json.loads(e)["choices"][:1] if "token_id" in c]
     return {
         "token_ids": [c["token_id"] for c in choices],
         "exit_layers": [c["exit_layer"] for c in choices],
-        "latency_s": time.perf_counter() - start,
+        "latency_s": latency,
     }
 
 
@@ -103,6 +109,8 @@ def main() -> None:
         "--env", nargs="*", default=[], metavar="NAME=VALUE", help="environment for Ray and the replicas"
     )
     parser.add_argument("--app", default="{}", help="JSON overrides of the app args")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--stream", action="store_true", help="server-sent events (default: whole answers)")
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
     app_args = {**PIPELINE_ARGS, **json.loads(args.app)}
@@ -111,10 +119,11 @@ def main() -> None:
     engine = Engine(loaded)
     pipeline = LocalPipeline.start(app_args, num_cpus=args.num_cpus, env=env)
     url = f"{pipeline.http_url}/v1/chat/completions"
-    request(url, "warm up", 4, {})
+    request(url, "warm up", 4, {}, args.stream)
 
     rows = []
-    for name, sedac in POLICIES.items():
+    for name in args.policies:
+        sedac = POLICIES[name]
         policy = (
             ExitPolicy.disabled() if sedac.get("disable_exit") else ExitPolicy(sedac["tau"], k=sedac["k"])
         )
@@ -134,7 +143,7 @@ def main() -> None:
             before = stage_counts(pipeline)
             start = time.perf_counter()
             with ThreadPoolExecutor(concurrency) as pool:
-                calls = [pool.submit(request, url, p, args.max_tokens, sedac) for p in prompts]
+                calls = [pool.submit(request, url, p, args.max_tokens, sedac, args.stream) for p in prompts]
                 answers = [c.result() for c in calls]
             pipeline_s = time.perf_counter() - start
             tokens = sum(len(a["token_ids"]) for a in answers)
@@ -179,6 +188,7 @@ def main() -> None:
             {
                 "max_tokens": args.max_tokens,
                 "num_cpus": args.num_cpus,
+                "stream": args.stream,
                 "app_args": app_args,
                 "env": env,
                 "rows": rows,

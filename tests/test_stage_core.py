@@ -171,7 +171,7 @@ def test_a_rollback_leaves_kv_as_if_the_void_rows_never_existed(tiny):
         rows.modes[:], rows.epochs[:] = SPECULATIVE, epoch
         core.catch_up(seq_id, epoch)
         rows = core.current(rows)
-        core.zero_rolled_back()
+        core.zero(core.take_rolled_back())
         core.compute(rows, Rows.empty())
         core.wrote(rows)
 

@@ -138,9 +138,8 @@ class StageServer:
                 chunk.hidden = hidden_in[start:end]
             outputs.append(await self.prefills.submit(chunk))
         sequence.wrote_prefix(count)
-        hidden = torch.cat(outputs)
         if self.next_stage is not None:
-            packed, dtype = pack_hidden(hidden)
+            packed, dtype = await asyncio.to_thread(lambda: pack_hidden(torch.cat(outputs)))
             downstream = await self.next_stage.prefill.remote(
                 PrefillMessage(
                     message.seq_id,
@@ -151,7 +150,7 @@ class StageServer:
                 )
             )
             return PrefillResult(route=(self.replica_id, *downstream.route), first=downstream.first)
-        packed, dtype = pack_hidden(hidden[-1:])
+        packed, dtype = pack_hidden(outputs[-1][-1:])
         last = Rows(
             seq_ids=[message.seq_id],
             positions=np.array([count - 1]),
@@ -211,9 +210,9 @@ class StageServer:
             # rolled back meanwhile: each such row fails alone.
             rows = self.core.current(Rows.concat([m.rows for m in messages]))
             fill = self.core.current(Rows.concat([m.fill for m in messages]))
-            self.core.zero_rolled_back()
+            rolled_back = self.core.take_rolled_back()
             started = time.perf_counter()
-            out, read = await asyncio.to_thread(self._compute, rows, fill)
+            out, read = await asyncio.to_thread(self._compute, rows, fill, rolled_back)
             self.compute_s += time.perf_counter() - started
             self.core.wrote(rows)
             self.core.wrote(fill)
@@ -240,9 +239,12 @@ class StageServer:
             futures[seq_id].set_exception(self.core.gone(seq_id))
         return [{s: futures[s] for s in m.rows.seq_ids} for m in messages]
 
-    def _compute(self, rows: Rows, fill: Rows) -> tuple[StageOutput, list[TokenResult] | None]:
+    def _compute(
+        self, rows: Rows, fill: Rows, rolled_back: list[tuple[int, int]]
+    ) -> tuple[StageOutput, list[TokenResult] | None]:
         """The batch through this stage's layers; the last stage also reads out every row that
         finished (it drafts nothing, so all of them are final or verifications)."""
+        self.core.zero(rolled_back)
         out = self.core.compute(rows, fill)
         if self.next_stage is not None:
             return out, None

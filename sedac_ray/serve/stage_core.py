@@ -272,14 +272,24 @@ class StageCore:
             out = self.layers.prefill(slots, positions, hidden)
         return [out[row, : len(chunk)] for row, chunk in enumerate(chunks)]
 
-    def zero_rolled_back(self) -> None:
-        """Zero the K/V of rolled-back sequences from their rollback position on. Called before
-        each batch, under the compute lock: the batch that runs a rollback's first row, or any
-        batch before it, comes after every write of the rolled-back rows."""
-        for seq_id in self._rolled_back:
-            if (sequence := self.sequences.get(seq_id)) is not None:
-                self.layers.cache.truncate(sequence.slot, sequence.epoch)
+    def take_rolled_back(self) -> list[tuple[int, int]]:
+        """``(slot, position)`` of each sequence rolled back since the last call: its K/V from that
+        position on must be zeroed (:meth:`zero`) before the next batch runs. Taken under the
+        compute lock: the batch that runs a rollback's first row, or any batch before it, comes
+        after every write of the rolled-back rows."""
+        taken = [
+            (sequence.slot, sequence.epoch)
+            for seq_id in self._rolled_back
+            if (sequence := self.sequences.get(seq_id)) is not None
+        ]
         self._rolled_back.clear()
+        return taken
+
+    def zero(self, rolled_back: list[tuple[int, int]]) -> None:
+        """Zero K/V from each position on, so the cache holds exactly what it would had the
+        rolled-back rows never run."""
+        for slot, position in rolled_back:
+            self.layers.cache.truncate(slot, position)
 
     def compute(self, rows: Rows, fill: Rows) -> StageOutput:
         """Run this stage's layers for a merged batch. Speculative rows run apart: their exits
