@@ -8,8 +8,8 @@ fields. Per-deployment settings (replicas, autoscaling, resources) come from the
 ``deployments:`` list, by name: ``FrontDoor``, ``Stage0``..``StageN-1``, ``LMHead``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Ray Serve reads build_app's annotation as a class to
+# validate the app's args against it, and a postponed (string) annotation would skip that.
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -29,15 +29,19 @@ LMHead = serve.deployment(HeadServer, name="LMHead", max_ongoing_requests=256)
 Ingress = serve.deployment(FrontDoor, name="FrontDoor", max_ongoing_requests=256)
 
 
-def build_app(args: dict | None = None) -> serve.Application:
-    config = PipelineConfig.from_args(args)
-    raw = dict(args or {})
+def build_app(args: PipelineConfig) -> serve.Application:
+    """``serve run`` validates the app's args into the annotated PipelineConfig (the annotation must be
+    the class alone for Ray to see it); Python callers may also pass the raw args dict."""
+    if isinstance(args, PipelineConfig):
+        config = args
+        config.default_policy()  # a broken calibration file fails here, not in every replica
+    else:
+        config = PipelineConfig.from_args(args)
+    raw = config.model_dump(exclude_unset=True)  # what each replica's PipelineConfig.from_args reads
     actor = (
         {"ray_actor_options": {"num_cpus": config.replica_cpus}} if config.replica_cpus is not None else {}
     )
     replicas = config.stage_replicas
-    if replicas is not None and len(replicas) != config.num_stages:
-        raise ValueError(f"stage_replicas has {len(replicas)} entries for {config.num_stages} stages")
     head = LMHead.options(**actor).bind(raw)
     stages: list = []
     next_stage = None
