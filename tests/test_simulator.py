@@ -1,10 +1,14 @@
 """The pipeline simulator: exact cases by hand, the speculative mode's mechanics, and its
 calibration recovering known parameters from synthetic measurements (no committed data read)."""
 
+from pathlib import Path
+
 import pytest
 
 from sedac_ray.sim.calibration import (
+    INPUTS,
     PIPELINE_HOP_CPU_SHARE,
+    RESULTS,
     benchmark_requests,
     calibrated_pipeline,
     cpu_pipeline,
@@ -113,3 +117,9 @@ def test_gpu_scenarios_predict_all_three_modes():
         result = predict(scenario, concurrency=2, acceptance=0.9, tokens=16)
         assert set(result) == {"no_exit", "early_exit", "speculative"}
         assert result["speculative"]["tpot_ms"] < result["no_exit"]["tpot_ms"]
+
+
+def test_the_packaged_simulator_inputs_are_the_committed_benchmark_results():
+    repo_results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    for name in INPUTS:
+        assert (RESULTS / name).read_bytes() == (repo_results / name).read_bytes(), f"{name}: run `make docs`"

@@ -1,6 +1,7 @@
 """The pipeline simulator calibrated with this project's measured CPU numbers, and checked on them.
 
-Calibration inputs, from the committed benchmark results:
+Calibration inputs, from the committed benchmark results (copies ship in ``sedac_ray/data/benchmarks``
+so that an installed package runs it; ``make docs`` refreshes them, a test checks they are current):
 
 * compute costs: the cost probe of ``benchmarks/speculative_speed.py`` (one decoder layer, the LM
   head and a K/V fill at 1..8 rows), at the engine's torch threads for the engine, and at 1 thread
@@ -26,7 +27,9 @@ from pathlib import Path
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.sim.pipeline import Cost, Costs, Pipeline, Result, Workload, simulate
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+# The two benchmark results it needs (speculative_speed.json, pipeline_speed.json), as package data.
+RESULTS = Path(__file__).resolve().parents[1] / "data" / "benchmarks"
+INPUTS = ("speculative_speed.json", "pipeline_speed.json")
 PIPELINE_STAGES = 3  # benchmarks/pipeline_speed.py serves 3 stages
 PIPELINE_CORES = 2  # on the 2-core development machine
 PIPELINE_STEPS_IN_FLIGHT = 1  # the front door's merged step messages in flight (deployments/local.yaml)
@@ -155,8 +158,10 @@ def benchmark_requests(
 
 
 def load(results: Path = RESULTS) -> tuple[dict, dict]:
-    speculative = json.loads((results / "speculative_speed.json").read_text())
-    pipeline = json.loads((results / "pipeline_speed.json").read_text())
+    missing = [name for name in INPUTS if not (Path(results) / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{results} lacks {missing}: pass a folder of benchmark results with them")
+    speculative, pipeline = (json.loads((Path(results) / name).read_text()) for name in INPUTS)
     return speculative, pipeline
 
 
