@@ -301,3 +301,15 @@ def test_render_check_and_stdout(tmp_path, capsys):
         "k8s/rayservice-gpu.yaml is not the rendering of deployments/gpu.yaml and k8s/templates/gpu.yaml: "
         "run `sedac k8s render gpu`"
     )
+
+
+def test_image_copies_what_the_package_build_reads():
+    # pyproject's `readme` and `license-files` must be in the image, or `pip install .` fails there.
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    needed = {project["readme"], *project["license-files"]}
+    copied = set()
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            copied.update(part for part in line.split()[1:-1] if not part.startswith("--"))
+    assert needed <= copied, f"Dockerfile does not COPY {sorted(needed - copied)}"
