@@ -38,7 +38,7 @@ PIPELINE_STEPS_IN_FLIGHT = 1  # the front door's merged step messages in flight 
 PIPELINE_HOP_CPU_SHARE = 1.0
 TOLERANCE = 0.25
 # Figures the simulator is known to miss by more than TOLERANCE, each with the sign of its error
-# and why (README, "Pipeline simulator"); they are held within twice the tolerance instead.
+# and why (docs/simulator.md, "The known miss"); `python -m sedac_ray.sim` reports them apart.
 KNOWN_MISSES = {
     "pipeline, speculative, tau=0.95,K=3,min27, batch 8: ms per token": (
         +1,
