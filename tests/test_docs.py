@@ -40,10 +40,19 @@ def test_readme_is_short():
     assert len(lines) <= 200, f"README.md has {len(lines)} lines; move detail to docs/"
 
 
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 @pytest.mark.parametrize("page", [REPO / "README.md", *DOCS], ids=lambda p: p.name)
 def test_relative_links_resolve(page):
-    for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", page.read_text()):
-        assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+    for target, anchor in re.findall(r"\]\(([^)#:\s]+)(?:#([^)]*))?\)", page.read_text()):
+        linked = page.parent / target
+        assert linked.exists(), f"{page.name} links to missing {target}"
+        if anchor and linked.suffix == ".md":
+            assert anchor in _anchors(linked), f"{page.name} links to missing {target}#{anchor}"
 
 
 def test_design_sections_cited_in_code_exist():
