@@ -176,8 +176,8 @@ def render(results: Path = RESULTS) -> str:
         "",
         "Every committed measurement, as the benchmark scripts wrote it. All were taken on a shared "
         "2-core CPU machine in fp32 unless a file says otherwise; single runs there are noisy. "
-        "What they mean: [the README](../README.md#when-exits-pay-read-this-first), [architecture](architecture.md), "
-        "[simulator](simulator.md), [calibration](calibration.md).",
+        "What they mean: [the README](../README.md#when-exits-pay-read-this-first), "
+        "[performance](performance.md), [simulator](simulator.md), [calibration](calibration.md).",
         "",
     ]
     for path in files:

@@ -57,6 +57,7 @@ def pytest_collection_modifyitems(config, items) -> None:
         if model_missing and (uses & MODEL_FIXTURES or in_body):
             item.add_marker(pytest.mark.skip(reason=MISSING_MODEL))
 
+
 CHAT_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
