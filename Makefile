@@ -1,6 +1,6 @@
 # Quick start: `make serve` serves the default model; `make test` runs the whole suite.
 # Both bootstrap .venv from scratch (CPU torch where no CUDA, the package, the default model).
-.PHONY: venv serve generate test lint bench soak
+.PHONY: venv serve generate test test-fast lint docs bench soak
 
 venv:
 	bash scripts/bootstrap.sh
@@ -14,6 +14,19 @@ generate: venv
 test: venv
 	.venv/bin/ruff check sedac_ray tests benchmarks
 	.venv/bin/python -m pytest -q
+
+# The fast tier: tiny config-built models, no Ray, no real model, no subprocesses.
+test-fast: venv
+	.venv/bin/python -m pytest -q -m "not slow"
+
+lint: venv
+	.venv/bin/ruff check sedac_ray tests benchmarks
+
+# docs/benchmarks.md is generated from benchmarks/results/*.json, and the simulator's inputs are
+# copied into the package; tests check both are current.
+docs: venv
+	cp benchmarks/results/speculative_speed.json benchmarks/results/pipeline_speed.json sedac_ray/data/benchmarks/
+	.venv/bin/python benchmarks/tables.py --out docs/benchmarks.md
 
 bench: venv
 	.venv/bin/python benchmarks/engine_speed.py

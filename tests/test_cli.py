@@ -1,23 +1,12 @@
 """``sedac generate`` end to end, as a user runs it."""
 
 import json
-import subprocess
-import sys
 
 from tests.conftest import hf_greedy
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sedac_ray.cli", "generate", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def test_generate_json_prints_hf_greedy_continuation(smollm2):
-    done = run_cli("--prompt", "What is the capital of France?", "--chat", "--no-exit", "--json")
+def test_generate_json_prints_hf_greedy_continuation(cli, smollm2):
+    done = cli("generate", "--prompt", "What is the capital of France?", "--chat", "--no-exit", "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     keys = {"model", "num_layers", "prompt_token_ids", "token_ids", "text", "exit_layers", "mean_layers"}
@@ -28,7 +17,7 @@ def test_generate_json_prints_hf_greedy_continuation(smollm2):
     assert "loaded smollm2-135m" in done.stderr  # load progress is visible
 
 
-def test_generate_reports_bad_flags_without_a_traceback():
-    done = run_cli("--prompt", "hi", "--tau", "1.5")
+def test_generate_reports_bad_flags_without_a_traceback(cli):
+    done = cli("generate", "--prompt", "hi", "--tau", "1.5")
     assert done.returncode == 2
     assert "tau must be in (0, 1]" in done.stderr and "Traceback" not in done.stderr

@@ -19,7 +19,8 @@ from sedac_ray.deploy.render import TARGETS, render
 from sedac_ray.deploy.validate import documents_problems, file_problems, load_crd_schema
 
 REPO = Path(__file__).resolve().parents[1]
-CRD = Path(os.environ.get(CRD_ENV) or REPO.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml")
+# The vendored KubeRay CRD (k8s/crd/README.md says where it comes from), unless the env var names another.
+CRD = Path(os.environ.get(CRD_ENV) or REPO / "k8s" / "crd" / "ray.io_rayservices.yaml")
 MANIFESTS = sorted((REPO / "k8s").glob("*.yaml"))
 WHERE = "k8s/rayservice-cpu.yaml"
 
@@ -27,7 +28,7 @@ WHERE = "k8s/rayservice-cpu.yaml"
 @pytest.fixture(scope="module")
 def crd_schema() -> dict:
     if not CRD.is_file():
-        pytest.skip(f"KubeRay RayService CRD not found at {CRD}; set {CRD_ENV} to a RayService CRD file")
+        pytest.fail(f"KubeRay RayService CRD not found at {CRD}; set {CRD_ENV} to a RayService CRD file")
     return load_crd_schema(CRD)
 
 
@@ -300,3 +301,15 @@ def test_render_check_and_stdout(tmp_path, capsys):
         "k8s/rayservice-gpu.yaml is not the rendering of deployments/gpu.yaml and k8s/templates/gpu.yaml: "
         "run `sedac k8s render gpu`"
     )
+
+
+def test_image_copies_what_the_package_build_reads():
+    # pyproject's `readme` and `license-files` must be in the image, or `pip install .` fails there.
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    needed = {project["readme"], *project["license-files"]}
+    copied = set()
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            copied.update(part for part in line.split()[1:-1] if not part.startswith("--"))
+    assert needed <= copied, f"Dockerfile does not COPY {sorted(needed - copied)}"

@@ -27,17 +27,60 @@ def test_layer_ranges_split_evenly_or_at_boundaries():
     assert PipelineConfig(stages=3).layer_ranges(30) == [(0, 10), (10, 20), (20, 30)]
     assert PipelineConfig(stages=4).layer_ranges(30) == [(0, 8), (8, 15), (15, 22), (22, 30)]
     assert PipelineConfig(boundaries=[6, 24]).layer_ranges(30) == [(0, 6), (6, 24), (24, 30)]
-    with pytest.raises(ValueError, match="must increase strictly"):
-        PipelineConfig(boundaries=[20, 10]).layer_ranges(30)
+    with pytest.raises(ValueError, match="must increase strictly within 1..29"):  # past the model's depth
+        PipelineConfig(boundaries=[10, 30]).layer_ranges(30)
     with pytest.raises(ValueError, match="exceeds the model's 30 layers"):
         PipelineConfig(stages=31).layer_ranges(30)
 
 
-def test_bad_app_args_fail_at_build_time():
-    with pytest.raises(ValueError, match=r"unknown sedac-ray app args \['stagez'\]"):
-        PipelineConfig.from_args({"stagez": 3})
-    with pytest.raises(ValueError, match="tau must be in"):
-        PipelineConfig.from_args({"exit": {"tau": 2.0}})
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"stagez": 3}, "unknown sedac-ray app arg 'stagez'; known: ["),
+        ({"stages": 0}, "stages: Input should be greater than 0 (got 0)"),
+        ({"stages": "three"}, "stages: Input should be a valid integer"),
+        ({"device": "gpu"}, "device: String should match pattern"),
+        ({"dtype": "fp8"}, "dtype: dtype 'fp8' is not supported; use one of"),
+        ({"request_timeout_s": -1}, "request_timeout_s: Input should be greater than 0 (got -1)"),
+        ({"kv_budget_mb": 0}, "kv_budget_mb: Input should be greater than 0 (got 0)"),
+        ({"boundaries": [20, 10]}, "boundaries: must be layer indices >= 1 that increase strictly"),
+        ({"stage_replicas": [1, 0, 1]}, "stage_replicas: every stage needs at least 1 replica"),
+        ({"stages": 2, "stage_replicas": [1, 1, 1]}, "stage_replicas has 3 entries for 2 stages"),
+        ({"exit": {"tau": 2.0}}, "exit: tau must be in (0, 1], got 2.0"),
+        ({"exit": {"tua": 0.9}}, "exit: unknown exit settings ['tua']; allowed:"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, dict) else "",
+)
+def test_bad_app_args_name_the_field(args, message):
+    with pytest.raises(ValueError) as err:
+        PipelineConfig.from_args(args)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_app_args_keep_their_defaults_and_round_trip():
+    config = PipelineConfig.from_args({"stages": 2, "exit": {"tau": 0.99, "k": 3}})
+    assert (config.model, config.device, config.dtype) == ("smollm2-135m", "cpu", None)
+    limits = (config.max_concurrent_requests, config.kv_budget_mb, config.max_request_bytes)
+    assert limits == (64, 512.0, 1 << 20)
+    # Replicas get the args back as a dict (build_app passes model_dump(exclude_unset=True)).
+    assert PipelineConfig.from_args(config.model_dump(exclude_unset=True)) == config
+    assert config.model_dump(exclude_unset=True) == {"stages": 2, "exit": {"tau": 0.99, "k": 3}}
+
+
+def test_serve_validates_app_args_against_pipeline_config_when_building():
+    import inspect
+
+    from pydantic import ValidationError
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from sedac_ray.serve.app import build_app
+
+    # Ray converts builder args only when the sole parameter is annotated with the model class itself.
+    assert inspect.signature(build_app).parameters["args"].annotation is PipelineConfig
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"stages": 3, "max_batch_size": 0})
+    app = call_user_app_builder_with_args_if_necessary(build_app, {"stages": 2, "exit": {"disable": True}})
+    assert type(app).__name__ == "Application"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "deployments").glob("*.yaml")), ids=lambda p: p.name)
@@ -88,7 +131,7 @@ def _local_config() -> dict:
         ),
         (
             lambda c: c["applications"][0]["args"].update(stages=0),
-            "local.yaml: applications[sedac].args: stages must be >= 1, got 0",
+            "local.yaml: applications[sedac].args: stages: Input should be greater than 0 (got 0)",
         ),
     ],
     ids=["grpc-key", "servicer-import", "import-path", "field-type", "autoscaling", "deployment", "args"],

@@ -8,8 +8,8 @@ fields. Per-deployment settings (replicas, autoscaling, resources) come from the
 ``deployments:`` list, by name: ``FrontDoor``, ``Stage0``..``StageN-1``, ``LMHead``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Ray Serve reads build_app's annotation as a class to
+# validate the app's args against it, and a postponed (string) annotation would skip that.
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -39,17 +39,21 @@ def stage_request_slots(config: PipelineConfig) -> int:
     return max(256, 8 * config.max_concurrent_requests)
 
 
-def build_app(args: dict | None = None) -> serve.Application:
-    config = PipelineConfig.from_args(args)
+def build_app(args: PipelineConfig) -> serve.Application:
+    """``serve run`` validates the app's args into the annotated PipelineConfig (the annotation must be
+    the class alone for Ray to see it); Python callers may also pass the raw args dict."""
+    if isinstance(args, PipelineConfig):
+        config = args
+        config.default_policy()  # a broken calibration file fails here, not in every replica
+    else:
+        config = PipelineConfig.from_args(args)
     # Replicas get every setting but the deployment-level ones: scaling a stage then changes only
     # its replica count, and Serve leaves every other replica (and the KV it holds) running.
-    raw = {k: v for k, v in (args or {}).items() if k not in DEPLOYMENT_LEVEL}
+    raw = config.model_dump(exclude_unset=True, exclude=set(DEPLOYMENT_LEVEL))
     actor = (
         {"ray_actor_options": {"num_cpus": config.replica_cpus}} if config.replica_cpus is not None else {}
     )
     replicas = config.stage_replicas
-    if replicas is not None and len(replicas) != config.num_stages:
-        raise ValueError(f"stage_replicas has {len(replicas)} entries for {config.num_stages} stages")
     head = LMHead.options(**actor).bind(raw)
     stages: list = []
     next_stage = None

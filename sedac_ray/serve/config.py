@@ -1,70 +1,106 @@
-"""The serving application's settings: one dataclass, built from `serve run` args or YAML."""
+"""The serving application's settings: one pydantic model, built from `serve run` args or YAML.
+
+Ray Serve validates the app's ``args`` against it when the app is built (``build_app`` is annotated
+with it), so a bad config fails at deploy time with the field named, not inside every replica.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sedac_ray.calibration.store import default_policy as calibrated_policy
 from sedac_ray.calibration.store import model_name_for_spec
-from sedac_ray.model.loading import DEFAULT_MODEL
+from sedac_ray.model.loading import DEFAULT_MODEL, resolve_dtype
 from sedac_ray.policy import DEFAULT_POLICY, ExitPolicy
 
+EXIT_SETTINGS = ("tau", "k", "min_layer", "window", "disable")
 
-@dataclass
-class PipelineConfig:
-    model: str = DEFAULT_MODEL
-    device: str = "cpu"
-    dtype: str | None = None
-    stages: int = 3  # decoder layers split evenly over this many stage deployments...
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(DEFAULT_MODEL, min_length=1)
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    dtype: str | None = None  # float32 / bfloat16 / float16 (or fp32, bf16, fp16, auto); None: by device
+    stages: int = Field(3, gt=0)  # decoder layers split evenly over this many stage deployments...
     boundaries: list[int] | None = None  # ...or at these layer indices, e.g. [10, 20] for 3 stages
-    exit: dict = field(default_factory=dict)  # server default policy: tau, k, min_layer, window, disable
-    default_max_tokens: int = 128
-    max_batch_size: int = 32  # step messages a stage or the LM head merges into one batch
-    batch_wait_timeout_s: float = 0.003
-    steps_in_flight: int = 2  # front-door step batches in the pipeline at once (pipelining depth)
-    step_gather_timeout_s: float = 0.05  # longest a front-door step batch waits for its members
-    draft_limit: int = 4  # speculative requests: unverified tokens ahead of the committed ones
-    step_timeout_s: float = 60.0  # a step that does not come back in time fails the request
+    exit: dict[str, Any] = Field(default_factory=dict)  # server default policy: EXIT_SETTINGS
+    default_max_tokens: int = Field(128, gt=0)
+    max_batch_size: int = Field(32, gt=0)  # step messages a stage or the LM head merges into one batch
+    batch_wait_timeout_s: float = Field(0.003, ge=0)
+    steps_in_flight: int = Field(2, gt=0)  # front-door step batches in the pipeline at once
+    step_gather_timeout_s: float = Field(0.05, ge=0)  # longest a front-door step batch waits for members
+    draft_limit: int = Field(4, gt=0)  # speculative requests: unverified tokens ahead of committed ones
+    step_timeout_s: float = Field(60.0, gt=0)  # a step that does not come back in time fails the request
     stage_replicas: list[int] | None = None  # fixed replicas per stage (YAML `deployments:` can override)
-    replica_cpus: float | None = None  # CPUs reserved per replica (None: Ray's default of 1)
-    torch_threads: int | None = None  # intra-op threads per replica (None: what Ray sets, 1 per CPU)
+    replica_cpus: float | None = Field(None, gt=0)  # CPUs reserved per replica (None: Ray's default, 1)
+    torch_threads: int | None = Field(None, gt=0)  # intra-op threads per replica (None: Ray's, 1 per CPU)
     # Admission and limits: past them a request gets 429 / RESOURCE_EXHAUSTED (or 413), never an OOM.
-    max_concurrent_requests: int = 64  # per front-door replica
-    kv_budget_mb: float | None = 512.0  # KV pool per stage replica (None: max_concurrent_requests sequences)
-    max_model_len: int | None = None  # positions per sequence (prompt + max_tokens); None: min(model's, 2048)
-    prefill_chunk_tokens: int = 256  # a stage prefills long prompts this many tokens at a time
-    max_request_bytes: int = 1 << 20  # HTTP body or gRPC message
-    request_timeout_s: float = 300.0  # whole request, prefill to last token
-    kv_lease_s: float = 120.0  # a stage frees a sequence that saw no traffic this long (orphaned)
+    max_concurrent_requests: int = Field(64, gt=0)  # per front-door replica
+    # KV pool per stage replica, sized once at start (None: max_concurrent_requests sequences)
+    kv_budget_mb: float | None = Field(512.0, gt=0)
+    max_model_len: int | None = Field(None, gt=0)  # positions per sequence; None: min(model's, 2048)
+    prefill_chunk_tokens: int = Field(256, gt=0)  # a stage prefills long prompts this many tokens at a time
+    max_request_bytes: int = Field(1 << 20, gt=0)  # HTTP body or gRPC message
+    request_timeout_s: float = Field(300.0, gt=0)  # whole request, prefill to last token
+    kv_lease_s: float = Field(120.0, gt=0)  # a stage frees a sequence that saw no traffic this long
     # Auth: a bearer key read from this environment variable; auth is off while it is unset.
-    api_key_env: str = "SEDAC_API_KEY"
+    api_key_env: str = Field("SEDAC_API_KEY", min_length=1)
     require_api_key: bool = False  # refuse to start without the key
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, dtype: str | None) -> str | None:
+        if dtype is not None:
+            resolve_dtype(dtype, "cpu")  # raises, naming the supported ones
+        return dtype
+
+    @field_validator("boundaries")
+    @classmethod
+    def _increasing_boundaries(cls, boundaries: list[int] | None) -> list[int] | None:
+        if boundaries is None:
+            return None
+        pairs = zip(boundaries, boundaries[1:], strict=False)
+        if not boundaries or boundaries[0] < 1 or any(b <= a for a, b in pairs):
+            raise ValueError(f"must be layer indices >= 1 that increase strictly, got {boundaries}")
+        return boundaries
+
+    @field_validator("stage_replicas")
+    @classmethod
+    def _positive_replicas(cls, replicas: list[int] | None) -> list[int] | None:
+        if replicas is not None and any(r < 1 for r in replicas):
+            raise ValueError(f"every stage needs at least 1 replica, got {replicas}")
+        return replicas
+
+    @field_validator("exit")
+    @classmethod
+    def _known_exit_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(settings) - set(EXIT_SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown exit settings {unknown}; allowed: {sorted(EXIT_SETTINGS)}")
+        if settings:
+            DEFAULT_POLICY.with_overrides(**settings)  # ExitPolicy says which value is out of range
+        return settings
+
+    @model_validator(mode="after")
+    def _replicas_for_every_stage(self) -> PipelineConfig:
+        if self.stage_replicas is not None and len(self.stage_replicas) != self.num_stages:
+            raise ValueError(
+                f"stage_replicas has {len(self.stage_replicas)} entries for {self.num_stages} stages"
+            )
+        return self
 
     @classmethod
     def from_args(cls, args: dict | None) -> PipelineConfig:
-        args = dict(args or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ValueError(f"unknown sedac-ray app args {unknown}; known: {sorted(known)}")
-        config = cls(**args)
-        config.default_policy()  # fail at build time, not on the first request
-        if config.boundaries is None and config.stages < 1:
-            raise ValueError(f"stages must be >= 1, got {config.stages}")
-        for name in (
-            "max_concurrent_requests",
-            "max_request_bytes",
-            "max_batch_size",
-            "draft_limit",
-            "prefill_chunk_tokens",
-        ):
-            if getattr(config, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-        for name in ("request_timeout_s", "step_timeout_s", "kv_budget_mb", "kv_lease_s", "max_model_len"):
-            value = getattr(config, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+        """The config from a raw args dict (what replicas receive); a ValueError names each bad field."""
+        try:
+            config = cls.model_validate(dict(args or {}))
+        except ValidationError as err:
+            raise ValueError(describe_errors(err)) from None
+        config.default_policy()  # fail at build time, not on the first request (e.g. a broken file)
         return config
 
     @property
@@ -95,13 +131,24 @@ class PipelineConfig:
         return self.max_model_len
 
     def default_policy(self) -> ExitPolicy:
-        allowed = {"tau", "k", "min_layer", "window", "disable"}
-        unknown = sorted(set(self.exit) - allowed)
-        if unknown:
-            raise ValueError(f"unknown exit settings {unknown}; allowed: {sorted(allowed)}")
         if self.exit:
             return DEFAULT_POLICY.with_overrides(**self.exit)
         # No `exit:` in the app: the model's calibration file (`sedac calibrate`) decides, if it has one.
         policy, source = calibrated_policy(model_name_for_spec(self.model))
         logging.getLogger("ray.serve").info(f"default exit policy {policy.describe()}, from {source}")
         return policy
+
+
+def describe_errors(err: ValidationError) -> str:
+    """One line per bad field: ``name: what is wrong (got value)``; unknown names list the known ones."""
+    lines = []
+    for error in err.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "args"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            lines.append(f"unknown sedac-ray app arg {where!r}; known: {sorted(PipelineConfig.model_fields)}")
+        elif not error["loc"]:  # a check across fields: the input is the whole config
+            lines.append(message)
+        else:
+            lines.append(f"{where}: {message} (got {error['input']!r})")
+    return "; ".join(lines)

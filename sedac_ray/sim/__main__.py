@@ -1,6 +1,8 @@
 """``python -m sedac_ray.sim``: the simulator against the measured CPU figures, then GPU predictions.
 
-.venv/bin/python -m sedac_ray.sim [--tokens 64] [--out benchmarks/results/speculative_sim.json]
+.venv/bin/python -m sedac_ray.sim [--tokens 64] [--results DIR] [--out FILE.json]
+
+(``--out benchmarks/results/speculative_sim.json`` is the committed run.)
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from sedac_ray.sim.calibration import KNOWN_MISSES, TOLERANCE, figures
+from sedac_ray.sim.calibration import KNOWN_MISSES, RESULTS, TOLERANCE, figures
 from sedac_ray.sim.scenarios import SCENARIOS, assumed_exit_layers, predict
 
 ACCEPTANCE = (0.0, 0.5, 0.7, 0.9)
@@ -24,9 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per sequence")
     parser.add_argument("--hop-ms", type=float, help="override the scenarios' assumed hop time")
     parser.add_argument("--out", help="write the figures and predictions as JSON")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="folder with speculative_speed.json and pipeline_speed.json to calibrate on "
+        "(default: the copies shipped with the package, from benchmarks/results)",
+    )
     args = parser.parse_args(argv)
 
-    checked, fitted = figures()
+    checked, fitted = figures(args.results)
     print(
         f"simulator vs measured (2-core CPU; fitted hop {fitted['hop_ms']:.1f} ms, "
         f"CPU per streamed token {fitted['token_cpu_ms']:.1f} ms)"

@@ -5,7 +5,7 @@ bandwidth of about 2.5 TB/s, plus kernel overheads, rounded up; extra rows cost 
 batch is large (decode is memory-bound). The fill of an exited token projects Q/K/V only. A hop is
 one Ray Serve message between GPU nodes. Exits: ``exit_share`` of the tokens exit, spread evenly
 over ``exit_span`` of the depth; the rest run full depth. Acceptance is swept, since it depends
-on the model and on the exit rule's calibration (on SmolLM2-135M it is low: see the README).
+on the model and on the exit rule's calibration (on SmolLM2-135M it is low: see docs/performance.md).
 """
 
 from __future__ import annotations
