@@ -137,10 +137,10 @@ SERVING_ARGS = {
     "replica_cpus": 0.1,
     "exit": {"tau": 0.99, "k": 3},
     "max_concurrent_requests": 20,
-    # 512 positions of 10 layers take 7.5 MiB: each stage replica holds 20 sequences, more than
+    # 1024 positions of 10 layers take 15 MiB: each stage replica holds 20 sequences, more than
     # the front door admits, so a replay finds room while the old route's KV is freed.
-    "max_model_len": 512,
-    "kv_budget_mb": 150,
+    "max_model_len": 1024,
+    "kv_budget_mb": 300,
     "max_request_bytes": 64 * 1024,
     "step_timeout_s": 30,
     "kv_lease_s": 20,  # orphans of the replica-kill test are reclaimed within the test

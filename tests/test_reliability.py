@@ -22,7 +22,6 @@ import pytest
 from sedac_ray.client import SedacClient
 from sedac_ray.sampling import SamplingParams
 from sedac_ray.serve.generated import sedac_pb2
-from sedac_ray.serve.local_cluster import APP_NAME
 from sedac_ray.serve.routing import pin
 from sedac_ray.serve.transport import PrefillMessage
 from tests.conftest import SERVING_ARGS, TEST_API_KEY, chat, chat_prompt_ids, hf_greedy, post
@@ -249,8 +248,8 @@ def test_concurrency_limit_answers_429_and_resource_exhausted(pipeline, smollm2)
 
 
 def test_kv_budget_refuses_what_cannot_fit_and_admits_again_when_freed(pipeline, smollm2):
-    # Each stage replica's KV pool holds 20 sequences of max_model_len=512 positions.
-    code, answer, _ = post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 600})
+    # Each stage replica's KV pool holds 20 sequences of max_model_len=1024 positions.
+    code, answer, _ = post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 1100})
     assert code == 413 and "max_model_len" in answer["error"]["message"], answer
     stage0 = pipeline.local.handle("Stage0")
     held = [
@@ -409,13 +408,9 @@ def test_streams_survive_a_stage_replica_killed_mid_answer(pipeline, smollm2):
 def test_streams_survive_a_stage_scaled_down_mid_answer(pipeline, smollm2):
     """Stage1 scales from 2 replicas to 1 while 16 streams are mid-answer (then back to 2): the
     removed replica's sequences are replayed on the other, and every stream ends normally."""
-    from ray import serve
-
-    from sedac_ray.serve.app import build_app
 
     def scale(replicas: int) -> None:
-        args = {**SERVING_ARGS, "stage_replicas": [1, replicas, 1]}
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+        pipeline.local.deploy(SERVING_ARGS, replicas={"Stage1": replicas})
 
     try:
         streams_survive(pipeline, smollm2, lambda: threading.Thread(target=scale, args=(1,)).start())

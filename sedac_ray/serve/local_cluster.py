@@ -35,8 +35,6 @@ class LocalPipeline:
         import ray
         from ray import serve
 
-        from sedac_ray.serve.app import build_app
-
         http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
         # Replicas inherit the environment of the Ray they start in; set here rather than in a
         # runtime_env, which Ray records (and a secret there would be written to its logs).
@@ -52,12 +50,32 @@ class LocalPipeline:
             http_options={"host": "127.0.0.1", "port": http_port},
             grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
         )
-        serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
-        return cls(
+        pipeline = cls(
             http_url=f"http://127.0.0.1:{http_port}",
             grpc_target=f"127.0.0.1:{grpc_port}",
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
         )
+        pipeline.deploy(app_args)
+        return pipeline
+
+    @staticmethod
+    def deploy(app_args: dict, replicas: dict[str, int] | None = None, timeout_s: float = 900) -> None:
+        """Deploy or update the app from a Serve config, as ``serve deploy`` does: an update that
+        changes only ``replicas`` (deployment name -> count) scales those deployments and leaves
+        every other replica, and the KV it holds, running."""
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        app = {
+            "name": APP_NAME,
+            "route_prefix": "/",
+            "import_path": "sedac_ray.serve.app:build_app",
+            "args": app_args,
+            "deployments": [{"name": name, "num_replicas": n} for name, n in (replicas or {}).items()],
+        }
+        client = _get_global_client()
+        client.deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+        client._wait_for_application_running(APP_NAME, timeout_s=timeout_s)
 
     @staticmethod
     def handle(deployment: str):
