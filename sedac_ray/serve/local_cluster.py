@@ -10,9 +10,20 @@ proxies on free 127.0.0.1 ports, and the app under the name ``sedac``.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
 
 APP_NAME = "sedac"
 GRPC_SERVICER = "sedac_ray.serve.grpc_service.add_SedacServiceServicer_to_server"
@@ -42,6 +53,7 @@ class LocalPipeline:
         # runtime_env, which Ray records (and a secret there would be written to its logs).
         os.environ.update(env or {})
         ray.init(
+            address="local",  # a fresh Ray, never a `ray start` cluster running on this machine
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=False,
@@ -76,3 +88,175 @@ class LocalPipeline:
 
         serve.shutdown()
         ray.shutdown()
+
+
+@dataclass
+class CliRayCluster:
+    """A Ray cluster of ``ray start`` nodes on this machine, started the way a user (or KubeRay)
+    starts one, for tests of what only a real multi-node cluster shows:
+
+        cluster = CliRayCluster.start([{"node_a": 10}, {"node_b": 10}])
+        ... `serve deploy -a cluster.dashboard_url`, cluster.nodes() ...
+        cluster.stop()
+
+    The first node is the head. Each node gets its own custom resources (deployments pin replicas
+    to a node with ``ray_actor_options: {resources: {node_a: 1}}``), free ports and a private temp
+    dir, so neither ``ray.init()`` elsewhere on the machine nor this cluster attaches to the other.
+    Each ``ray start --block`` stays in the foreground as a process group of its own, so ``stop``
+    ends exactly this cluster's processes (``ray stop`` would end every Ray on the machine).
+    Replicas import the ``sedac_ray`` this process imports (a worktree's, say): its root leads
+    the nodes' ``PYTHONPATH``.
+    """
+
+    temp_dir: Path
+    gcs_address: str
+    dashboard_url: str
+    processes: list[subprocess.Popen]
+
+    @classmethod
+    def start(
+        cls,
+        node_resources: list[dict[str, float]],
+        num_cpus: float = 1,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 120,
+    ) -> CliRayCluster:
+        if not node_resources:
+            raise ValueError("node_resources needs one entry per node, the head first")
+        # Short and under /tmp: Ray's Unix socket paths under it must stay below ~107 characters.
+        temp_dir = Path(tempfile.mkdtemp(prefix="sedac-ray-"))
+        gcs_port, dashboard_port = free_port(), free_port()
+        cluster = cls(
+            temp_dir=temp_dir,
+            gcs_address=f"127.0.0.1:{gcs_port}",
+            dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+            processes=[],
+        )
+        head_flags = [
+            "--head",
+            f"--port={gcs_port}",
+            f"--ray-client-server-port={free_port()}",
+            "--include-dashboard=true",  # `serve deploy` and the state API talk to it
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+        ]
+        try:
+            for index, resources in enumerate(node_resources):
+                role = head_flags if index == 0 else [f"--address={cluster.gcs_address}"]
+                cluster._start_node(index, role, resources, num_cpus, env or {})
+                cluster._wait(
+                    timeout_s, f"{index + 1} alive node(s)", lambda n=index + 1: cluster._alive() >= n
+                )
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    def _start_node(
+        self, index: int, role: list[str], resources: dict, num_cpus: float, env: dict[str, str]
+    ) -> None:
+        command = [
+            str(cli_executable("ray")),
+            "start",
+            "--block",
+            *role,
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            f"--resources={json.dumps(resources)}",
+            f"--temp-dir={self.temp_dir}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--object-store-memory={200 * 1024**2}",
+            "--disable-usage-stats",
+        ]
+        log = open(self.temp_dir / f"ray-start-{index}.log", "wb")  # noqa: SIM115 - lives with the node
+        self.processes.append(
+            subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": _pythonpath(), **env},
+                start_new_session=True,
+            )
+        )
+
+    def nodes(self) -> list[dict]:
+        """Alive nodes from the state API: ``node_id`` and ``resources_total`` among others."""
+        from ray.util.state import list_nodes
+
+        nodes = list_nodes(
+            address=self.dashboard_url, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False
+        )
+        return [node if isinstance(node, dict) else node.__dict__ for node in nodes]
+
+    def _alive(self) -> int:
+        try:
+            return len(self.nodes())
+        except Exception:  # dashboard not up yet
+            return 0
+
+    def _wait(self, timeout_s: float, what: str, done) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            exited = [p.args[3:5] for p in self.processes if p.poll() is not None]
+            if exited or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"Ray cluster in {self.temp_dir}: no {what} after {timeout_s:.0f} s"
+                    f"{f'; ray start exited: {exited}' if exited else ''}\n{self.logs()}"
+                )
+            time.sleep(1)
+
+    def logs(self, tail_chars: int = 3000) -> str:
+        """The end of each ``ray start`` log, for failure messages."""
+        return "\n".join(
+            f"--- {path.name}:\n{path.read_text(errors='replace')[-tail_chars:]}"
+            for path in sorted(self.temp_dir.glob("ray-start-*.log"))
+        )
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """End every process of this cluster, workers first, then the head; SIGKILL stragglers."""
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()  # `ray start --block` then ends the processes it started
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        for process in self.processes_left():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def processes_left(self) -> list[psutil.Process]:
+        """Processes of this cluster still running: in a ``ray start``'s process group, or with
+        the cluster's temp dir on their command line (should one have left its group)."""
+        groups = {process.pid for process in self.processes}
+        left = []
+        for process in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if os.getpgid(process.pid) in groups or any(
+                    str(self.temp_dir) in arg for arg in process.info["cmdline"] or ()
+                ):
+                    left.append(process)
+        return left
+
+
+def cli_executable(name: str) -> Path:
+    """``ray`` or ``serve`` of this Python's environment (a venv's bin/), not whatever is on PATH."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: install ray[serve] into the environment of {sys.executable}"
+        )
+    return path
+
+
+def _pythonpath() -> str:
+    root = str(Path(__file__).resolve().parents[2])
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
