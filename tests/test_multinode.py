@@ -79,6 +79,7 @@ def serve_cli(cluster: CliRayCluster, *args: str) -> subprocess.CompletedProcess
         [str(cli_executable("serve")), *args, "-a", cluster.dashboard_url],
         capture_output=True,
         text=True,
+        env=cluster.env,
         timeout=120,
     )
 
@@ -154,10 +155,14 @@ def test_each_deployment_runs_on_its_node(deployed):
 
 
 def test_http_and_grpc_answers_across_nodes_equal_hf_greedy(deployed, smollm2):
+    # Exits are off server-wide and, again, per request: a request that names no exit setting
+    # currently gets tau=0.99, K=3 however the server is configured (ExitPolicy.with_overrides).
     prompt = PLAIN_PROMPTS[0]
     request = urllib.request.Request(
         f"{deployed.http_url}/v1/completions",
-        data=json.dumps({"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}).encode(),
+        data=json.dumps(
+            {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "sedac": {"disable_exit": True}}
+        ).encode(),
         headers={"content-type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=120) as reply:
@@ -167,7 +172,7 @@ def test_http_and_grpc_answers_across_nodes_equal_hf_greedy(deployed, smollm2):
     assert choice["exit_layers"] == [30] * len(choice["token_ids"])  # exits off: all 30 layers ran
 
     with SedacClient(deployed.grpc_target, timeout_s=120) as client:
-        reply = client.generate(CHAT_PROMPTS[0], chat=True, max_tokens=MAX_TOKENS)
+        reply = client.generate(CHAT_PROMPTS[0], chat=True, max_tokens=MAX_TOKENS, disable_exit=True)
     prompt_ids = chat_prompt_ids(smollm2.tokenizer, CHAT_PROMPTS[0])
     assert list(reply.token_ids) == hf_greedy(smollm2.model, prompt_ids, MAX_TOKENS)
     assert list(reply.exit_layers) == [30] * len(reply.token_ids)

@@ -112,6 +112,7 @@ class CliRayCluster:
     gcs_address: str
     dashboard_url: str
     processes: list[subprocess.Popen]
+    env: dict[str, str]  # of every node; clients (`serve deploy`, ...) should run with it too
 
     @classmethod
     def start(
@@ -119,7 +120,7 @@ class CliRayCluster:
         node_resources: list[dict[str, float]],
         num_cpus: float = 1,
         env: dict[str, str] | None = None,
-        timeout_s: float = 120,
+        timeout_s: float = 180,  # per node; generous, for a machine that runs much else
     ) -> CliRayCluster:
         if not node_resources:
             raise ValueError("node_resources needs one entry per node, the head first")
@@ -131,6 +132,14 @@ class CliRayCluster:
             gcs_address=f"127.0.0.1:{gcs_port}",
             dashboard_url=f"http://127.0.0.1:{dashboard_port}",
             processes=[],
+            env={
+                **os.environ,
+                "PYTHONPATH": _pythonpath(),
+                # Loopback only, and the same on every machine: a token left in ~/.ray by any
+                # local ray.init() would otherwise switch token auth on, for clients without it.
+                "RAY_AUTH_MODE": "disabled",
+                **(env or {}),
+            },
         )
         head_flags = [
             "--head",
@@ -143,18 +152,14 @@ class CliRayCluster:
         try:
             for index, resources in enumerate(node_resources):
                 role = head_flags if index == 0 else [f"--address={cluster.gcs_address}"]
-                cluster._start_node(index, role, resources, num_cpus, env or {})
-                cluster._wait(
-                    timeout_s, f"{index + 1} alive node(s)", lambda n=index + 1: cluster._alive() >= n
-                )
+                cluster._start_node(index, role, resources, num_cpus)
+                cluster._wait_for_nodes(index + 1, timeout_s)
         except BaseException:
             cluster.stop()
             raise
         return cluster
 
-    def _start_node(
-        self, index: int, role: list[str], resources: dict, num_cpus: float, env: dict[str, str]
-    ) -> None:
+    def _start_node(self, index: int, role: list[str], resources: dict, num_cpus: float) -> None:
         command = [
             str(cli_executable("ray")),
             "start",
@@ -179,7 +184,7 @@ class CliRayCluster:
                 command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": _pythonpath(), **env},
+                env=self.env,
                 start_new_session=True,
             )
         )
@@ -193,20 +198,22 @@ class CliRayCluster:
         )
         return [node if isinstance(node, dict) else node.__dict__ for node in nodes]
 
-    def _alive(self) -> int:
-        try:
-            return len(self.nodes())
-        except Exception:  # dashboard not up yet
-            return 0
-
-    def _wait(self, timeout_s: float, what: str, done) -> None:
+    def _wait_for_nodes(self, count: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while not done():
+        last = "no answer yet"
+        while True:
+            try:
+                alive = len(self.nodes())
+                if alive >= count:
+                    return
+                last = f"{alive} alive"
+            except Exception as err:  # the dashboard is still starting
+                last = f"{type(err).__name__}: {err}"
             exited = [p.args[3:5] for p in self.processes if p.poll() is not None]
             if exited or time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"Ray cluster in {self.temp_dir}: no {what} after {timeout_s:.0f} s"
-                    f"{f'; ray start exited: {exited}' if exited else ''}\n{self.logs()}"
+                    f"Ray cluster in {self.temp_dir}: not {count} alive node(s) after {timeout_s:.0f} s "
+                    f"(state API: {last}){f'; ray start exited: {exited}' if exited else ''}\n{self.logs()}"
                 )
             time.sleep(1)
 
@@ -222,24 +229,26 @@ class CliRayCluster:
         for process in reversed(self.processes):
             if process.poll() is None:
                 process.terminate()  # `ray start --block` then ends the processes it started
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-        for process in self.processes_left():
+                os.killpg(process.pid, signal.SIGKILL)  # whatever is left of its process group
+        left = self.processes_left()
+        for process in left:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
+        psutil.wait_procs(left, timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def processes_left(self) -> list[psutil.Process]:
-        """Processes of this cluster still running: in a ``ray start``'s process group, or with
-        the cluster's temp dir on their command line (should one have left its group)."""
+        """Processes of this cluster still running (zombies are not): in a ``ray start``'s process
+        group, or with the cluster's temp dir on their command line (should one have left its group)."""
         groups = {process.pid for process in self.processes}
         left = []
-        for process in psutil.process_iter(["cmdline"]):
+        for process in psutil.process_iter(["cmdline", "status"]):
             with contextlib.suppress(psutil.Error):
+                if process.info["status"] == psutil.STATUS_ZOMBIE:
+                    continue
                 if os.getpgid(process.pid) in groups or any(
                     str(self.temp_dir) in arg for arg in process.info["cmdline"] or ()
                 ):
