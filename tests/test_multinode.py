@@ -84,11 +84,14 @@ def serve_cli(cluster: CliRayCluster, *args: str) -> subprocess.CompletedProcess
     )
 
 
-def app_status(cluster: CliRayCluster) -> str:
-    """The app's status from the dashboard's Serve REST API (what `serve status` reads)."""
+def applications(cluster: CliRayCluster) -> dict:
+    """Serve's applications by name, from the dashboard's REST API (what `serve status` reads)."""
     with urllib.request.urlopen(f"{cluster.dashboard_url}/api/serve/applications/", timeout=10) as reply:
-        apps = json.load(reply).get("applications", {})
-    return apps.get(APP_NAME, {}).get("status", "NOT_STARTED")
+        return json.load(reply).get("applications", {})
+
+
+def app_status(cluster: CliRayCluster) -> str:
+    return applications(cluster).get(APP_NAME, {}).get("status", "NOT_STARTED")
 
 
 def wait_running(cluster: CliRayCluster) -> None:
@@ -128,7 +131,11 @@ def deployed(cluster, tmp_path_factory):
         yield Deployed(cluster, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
     finally:
         shutdown = serve_cli(cluster, "shutdown", "-y")
-    assert shutdown.returncode == 0, f"`serve shutdown` failed:\n{shutdown.stdout}{shutdown.stderr}"
+    # `serve shutdown` exits 0 even when it failed; the apps being gone is the evidence.
+    deadline = time.monotonic() + 60
+    while applications(cluster) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not applications(cluster), f"apps still deployed after `serve shutdown`:\n{shutdown.stderr}"
 
 
 def test_each_deployment_runs_on_its_node(deployed):
