@@ -11,6 +11,7 @@ proxies on free 127.0.0.1 ports, and the app under the name ``sedac``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -186,6 +187,8 @@ class CliRayCluster:
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,
+                # SIGTERM makes `ray start --block` end its node; so does its starter's death.
+                preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
             )
         )
 
@@ -264,6 +267,11 @@ def cli_executable(name: str) -> Path:
             f"{path} not found: install ray[serve] into the environment of {sys.executable}"
         )
     return path
+
+
+def _terminate_with_parent() -> None:
+    """In a child before exec: SIGTERM it when its parent dies (a test run killed midway)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def _pythonpath() -> str:
