@@ -6,6 +6,9 @@
 
 It starts a real Ray (``num_cpus`` CPUs, metrics exported every second), Serve's HTTP and gRPC
 proxies on free 127.0.0.1 ports, and the app under the name ``sedac``.
+
+:class:`CliRayCluster` instead starts a multi-node cluster with ``ray start``, for ``serve deploy``
+(tests/test_multinode.py).
 """
 
 from __future__ import annotations
@@ -179,18 +182,18 @@ class CliRayCluster:
             f"--object-store-memory={200 * 1024**2}",
             "--disable-usage-stats",
         ]
-        log = open(self.temp_dir / f"ray-start-{index}.log", "wb")  # noqa: SIM115 - lives with the node
-        self.processes.append(
-            subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,
-                # SIGTERM makes `ray start --block` end its node; so does its starter's death.
-                preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
+        with open(self.temp_dir / f"ray-start-{index}.log", "wb") as log:  # the child keeps its copy
+            self.processes.append(
+                subprocess.Popen(
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    start_new_session=True,
+                    # SIGTERM makes `ray start --block` end its node; so does its starter's death.
+                    preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
+                )
             )
-        )
 
     def nodes(self) -> list[dict]:
         """Alive nodes from the state API: ``node_id`` and ``resources_total`` among others."""
@@ -212,11 +215,12 @@ class CliRayCluster:
                 last = f"{alive} alive"
             except Exception as err:  # the dashboard is still starting
                 last = f"{type(err).__name__}: {err}"
-            exited = [p.args[3:5] for p in self.processes if p.poll() is not None]
+            exited = [index for index, p in enumerate(self.processes) if p.poll() is not None]
             if exited or time.monotonic() > deadline:
+                why = f"`ray start` of node(s) {exited} exited" if exited else f"not after {timeout_s:.0f} s"
                 raise RuntimeError(
-                    f"Ray cluster in {self.temp_dir}: not {count} alive node(s) after {timeout_s:.0f} s "
-                    f"(state API: {last}){f'; ray start exited: {exited}' if exited else ''}\n{self.logs()}"
+                    f"Ray cluster in {self.temp_dir}: {count} node(s) should be alive, {why} "
+                    f"(state API: {last})\n{self.logs()}"
                 )
             time.sleep(1)
 
