@@ -86,8 +86,7 @@ def serve_cli(cluster: CliRayCluster, *args: str) -> subprocess.CompletedProcess
 
 def applications(cluster: CliRayCluster) -> dict:
     """Serve's applications by name, from the dashboard's REST API (what `serve status` reads)."""
-    with urllib.request.urlopen(f"{cluster.dashboard_url}/api/serve/applications/", timeout=10) as reply:
-        return json.load(reply).get("applications", {})
+    return cluster.api("/api/serve/applications/").get("applications", {})
 
 
 def app_status(cluster: CliRayCluster) -> str:
@@ -139,24 +138,18 @@ def deployed(cluster, tmp_path_factory):
 
 
 def test_each_deployment_runs_on_its_node(deployed):
-    from ray.util.state import list_actors
-
+    cluster = deployed.cluster
     node_with = {
         resource: node["node_id"]
-        for node in deployed.cluster.nodes()
+        for node in cluster.alive("nodes")
         for resource in node["resources_total"]
         if resource in ("node_a", "node_b")
     }
     assert len(set(node_with.values())) == 2, node_with
-    actors = list_actors(
-        address=deployed.cluster.dashboard_url,
-        filters=[("state", "=", "ALIVE")],
-        raise_on_missing_output=False,
-    )
     placed = {
-        actor.class_name.removeprefix(f"ServeReplica:{APP_NAME}:"): actor.node_id
-        for actor in actors
-        if actor.class_name.startswith("ServeReplica:")
+        actor["class_name"].removeprefix(f"ServeReplica:{APP_NAME}:"): actor["node_id"]
+        for actor in cluster.alive("actors")
+        if actor["class_name"].startswith("ServeReplica:")
     }
     assert placed == {name: node_with[node] for name, node in NODE_OF.items()}
 

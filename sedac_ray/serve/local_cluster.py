@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -100,7 +103,7 @@ class CliRayCluster:
     starts one, for tests of what only a real multi-node cluster shows:
 
         cluster = CliRayCluster.start([{"node_a": 10}, {"node_b": 10}])
-        ... `serve deploy -a cluster.dashboard_url`, cluster.nodes() ...
+        ... `serve deploy -a cluster.dashboard_url` with cluster.env, cluster.alive("actors") ...
         cluster.stop()
 
     The first node is the head. Each node gets its own custom resources (deployments pin replicas
@@ -116,7 +119,9 @@ class CliRayCluster:
     gcs_address: str
     dashboard_url: str
     processes: list[subprocess.Popen]
-    env: dict[str, str]  # of every node; clients (`serve deploy`, ...) should run with it too
+    # Ray's token auth is on: the nodes listen on the machine's address, not only on loopback.
+    token: str = field(repr=False)
+    env: dict[str, str] = field(repr=False)  # of every node, with the token; CLI clients need it
 
     @classmethod
     def start(
@@ -131,6 +136,7 @@ class CliRayCluster:
         # Short and under /tmp: Ray's Unix socket paths under it must stay below ~107 characters.
         temp_dir = Path(tempfile.mkdtemp(prefix="sedac-ray-"))
         gcs_port, dashboard_port = free_port(), free_port()
+        token = secrets.token_hex(32)
         cluster = cls(
             temp_dir=temp_dir,
             gcs_address=f"127.0.0.1:{gcs_port}",
@@ -139,11 +145,12 @@ class CliRayCluster:
             env={
                 **os.environ,
                 "PYTHONPATH": _pythonpath(),
-                # Loopback only, and the same on every machine: a token left in ~/.ray by any
-                # local ray.init() would otherwise switch token auth on, for clients without it.
-                "RAY_AUTH_MODE": "disabled",
+                # Our own token, not whatever `ray.init()` left in ~/.ray/auth_token.
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN": token,
                 **(env or {}),
             },
+            token=token,
         )
         head_flags = [
             "--head",
@@ -195,25 +202,32 @@ class CliRayCluster:
                 )
             )
 
-    def nodes(self) -> list[dict]:
-        """Alive nodes from the state API: ``node_id`` and ``resources_total`` among others."""
-        from ray.util.state import list_nodes
-
-        nodes = list_nodes(
-            address=self.dashboard_url, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False
+    def api(self, path: str) -> dict:
+        """GET a path of the dashboard's REST API (Serve's, the state API's) with the token."""
+        request = urllib.request.Request(
+            self.dashboard_url + path, headers={"authorization": f"Bearer {self.token}"}
         )
-        return [node if isinstance(node, dict) else node.__dict__ for node in nodes]
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return json.load(reply)
+
+    def alive(self, resource: str) -> list[dict]:
+        """Alive ``nodes`` or ``actors`` from the state API, in detail: ``node_id``,
+        ``resources_total`` of a node; ``class_name``, ``node_id`` of an actor."""
+        query = urllib.parse.urlencode(
+            {"filter_keys": "state", "filter_predicates": "=", "filter_values": "ALIVE", "detail": 1}
+        )
+        return self.api(f"/api/v0/{resource}?{query}")["data"]["result"]["result"]
 
     def _wait_for_nodes(self, count: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         last = "no answer yet"
         while True:
             try:
-                alive = len(self.nodes())
+                alive = len(self.alive("nodes"))
                 if alive >= count:
                     return
                 last = f"{alive} alive"
-            except Exception as err:  # the dashboard is still starting
+            except (OSError, ValueError, KeyError) as err:  # the dashboard is still starting
                 last = f"{type(err).__name__}: {err}"
             exited = [index for index, p in enumerate(self.processes) if p.poll() is not None]
             if exited or time.monotonic() > deadline:
