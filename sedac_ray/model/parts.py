@@ -114,7 +114,9 @@ def restrict(model: nn.Module, part: ModelPart, modules: PartModules | None = No
     for index in range(len(layers)):
         if index not in part.layers and not isinstance(layers[index], NotHeld):
             layers[index] = ReleasedLayer(index)
-    dropped = [*(() if part.embed else modules.before), *(() if part.head else (*modules.after, modules.head))]
+    dropped = [*(() if part.embed else modules.before)]
+    if not part.head:
+        dropped += [*modules.after, modules.head]
     for name in dropped:
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name)
