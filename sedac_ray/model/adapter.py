@@ -17,10 +17,6 @@ import inspect
 import torch
 from torch import nn
 
-from sedac_ray.model.parts import NotHeld, ReleasedLayer
-
-__all__ = ["KVWritten", "ModelAdapter", "NotHeld", "ReleasedLayer", "UnsupportedArchitecture"]
-
 
 class UnsupportedArchitecture(ValueError):
     """The model does not have the structure the runtime needs."""
@@ -29,6 +25,28 @@ class UnsupportedArchitecture(ValueError):
 class KVWritten(Exception):
     """Raised by a fill-only cache view once a layer has stored its K/V: the rest of the layer
     (attention, MLP) is skipped. This is state propagation without touching the model's code."""
+
+
+class NotHeld(nn.Module):
+    """Stands in for a module whose weights this process does not hold (a pipeline part loads
+    only its own pieces): it has no parameters, and calling it is a bug that says so."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(
+            f"{self.what} is not held by this process: it loaded only its own part of the model"
+        )
+
+
+class ReleasedLayer(NotHeld):
+    """A decoder layer this process does not hold."""
+
+    def __init__(self, index: int):
+        super().__init__(f"decoder layer {index}")
+        self.index = index
 
 
 class ModelAdapter:

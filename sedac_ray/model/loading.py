@@ -49,10 +49,11 @@ _DTYPES = {
 @dataclass
 class LoadedModel:
     """A causal LM, its tokenizer, and the name it was loaded under. A partial load (``part``)
-    records the checkpoint keys and files it read; whole loads leave them ``None``."""
+    has no tokenizer, and records the checkpoint keys and files it read; whole loads leave
+    those ``None``."""
 
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: object | None
     name: str
     part: ModelPart | None = None
     keys_read: frozenset[str] | None = None
@@ -201,7 +202,9 @@ def load_model(
             _log(f"{name} is not a safetensors directory: loading it whole, then keeping {part}")
             restrict(model, part)
         model = model.to(device=device, dtype=torch_dtype)
-    if tokenizer is None:
+    if part is not None:
+        tokenizer = None  # a part only computes (the front door tokenizes); a tokenizer costs ~100 MB
+    elif tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     model.eval()
     _log(

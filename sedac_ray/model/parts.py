@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from sedac_ray.model.adapter import ModelAdapter, NotHeld, ReleasedLayer, UnsupportedArchitecture
+
 
 @dataclass(frozen=True)
 class ModelPart:
@@ -41,28 +43,6 @@ class ModelPart:
             raise ValueError(f"ModelPart.layers {self.layers!r} goes beyond the model's {num_layers} layers")
 
 
-class NotHeld(nn.Module):
-    """Stands in for a module whose weights this process does not hold (a pipeline part loads
-    only its own pieces): it has no parameters, and calling it is a bug that says so."""
-
-    def __init__(self, what: str):
-        super().__init__()
-        self.what = what
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError(
-            f"{self.what} is not held by this process: it loaded only its own part of the model"
-        )
-
-
-class ReleasedLayer(NotHeld):
-    """A decoder layer this process does not hold."""
-
-    def __init__(self, index: int):
-        super().__init__(f"decoder layer {index}")
-        self.index = index
-
-
 @dataclass(frozen=True)
 class PartModules:
     """Dotted module names (relative to the causal LM) of each piece."""
@@ -75,8 +55,6 @@ class PartModules:
 
 def locate_parts(model: nn.Module) -> PartModules:
     """Name the modules of each piece of ``model`` (built on any device, meta included)."""
-    from sedac_ray.model.adapter import ModelAdapter, UnsupportedArchitecture
-
     names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
     decoder = model.get_decoder()
     head = model.get_output_embeddings()

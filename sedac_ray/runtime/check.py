@@ -19,6 +19,7 @@ from sedac_ray.model.adapter import ModelAdapter, UnsupportedArchitecture
 from sedac_ray.runtime.layer_range import LayerRange
 
 TWIN_VOCAB = 512  # the twin's vocabulary: the check needs a few token ids, not the real table
+TWIN_MLP_WIDTH = 256  # the MLP's inner width changes no structure, only memory
 
 
 def check_adapter(adapter: ModelAdapter, num_tokens: int = 6) -> None:
@@ -68,7 +69,8 @@ def check_twin(config, num_tokens: int = 6) -> None:
 
 def twin_config(config):
     """``config`` with the fewest layers that still include each of its layer types (sliding and
-    full attention, in their order) and a small vocabulary."""
+    full attention, in their order), a small vocabulary and a narrow MLP; attention keeps its
+    shape (heads, head size, hidden size), since that is where architectures differ."""
     twin = copy.deepcopy(config)
     types = list(getattr(config, "layer_types", None) or [])
     depth = min(int(config.num_hidden_layers), 2)
@@ -76,6 +78,8 @@ def twin_config(config):
         depth = max(depth, max(types.index(t) for t in set(types)) + 1)
         twin.layer_types = types[:depth]
     twin.num_hidden_layers = depth
+    if int(getattr(config, "intermediate_size", 0) or 0) > TWIN_MLP_WIDTH:
+        twin.intermediate_size = TWIN_MLP_WIDTH
     if int(config.vocab_size) > TWIN_VOCAB:
         twin.vocab_size = TWIN_VOCAB
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
