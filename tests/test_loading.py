@@ -99,12 +99,14 @@ def sharded(request, tmp_path_factory):
 def expected_keys(part: ModelPart, weight_map: dict[str, str]) -> set[str]:
     """The checkpoint keys ``part`` needs, spelled out from the checkpoint's own index."""
     keys = {k for k in weight_map for i in part.layers if k.startswith(f"model.layers.{i}.")}
+    # A tied embedding and head are stored once, under either name (transformers keeps the
+    # embedding, the dequantized SmolLM2 copy the head).
+    embedding, head = "model.embed_tokens.weight", "lm_head.weight"
     if part.embed:
-        keys.add("model.embed_tokens.weight")
+        keys.add(embedding if embedding in weight_map else head)
     if part.head:
         keys.add("model.norm.weight")
-        # A tied head is stored once, as the embedding.
-        keys.add("lm_head.weight" if "lm_head.weight" in weight_map else "model.embed_tokens.weight")
+        keys.add(head if head in weight_map else embedding)
     return keys
 
 
@@ -210,3 +212,21 @@ def test_smollm2_middle_stage_reproduces_the_whole_model(smollm2):
     positions = torch.arange(ids.shape[1]).unsqueeze(0)
     hidden = layers.prefill(torch.tensor(layers.cache.allocate(1)), positions, reference[10])
     torch.testing.assert_close(hidden, reference[20])
+
+
+def test_a_checkpoint_without_safetensors_is_loaded_whole_then_cut_to_the_part(tmp_path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]()).eval()
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    loaded = load_model(str(tmp_path), part=ModelPart(range(2, 4)))
+    assert loaded.keys_read is None  # nothing to read selectively
+    held = {n for n, _ in loaded.model.named_parameters()}
+    assert held and all(n.startswith(("model.layers.2.", "model.layers.3.")) for n in held)
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.inference_mode():
+        reference = model(ids, output_hidden_states=True).hidden_states
+    layers = LayerRange(ModelAdapter(loaded.model), 2, 4)
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    hidden = layers.prefill(torch.tensor(layers.cache.allocate(1)), positions, reference[2])
+    torch.testing.assert_close(hidden, reference[4])
