@@ -230,3 +230,16 @@ def test_a_checkpoint_without_safetensors_is_loaded_whole_then_cut_to_the_part(t
     positions = torch.arange(ids.shape[1]).unsqueeze(0)
     hidden = layers.prefill(torch.tensor(layers.cache.allocate(1)), positions, reference[2])
     torch.testing.assert_close(hidden, reference[4])
+
+
+def test_a_part_holding_everything_is_the_whole_model(sharded):
+    arch, model, directory, weight_map = sharded
+    loaded = load_model(str(directory), part=ModelPart.whole(6))
+    assert loaded.keys_read == set(weight_map) and loaded.files_read == set(weight_map.values())
+    adapter = ModelAdapter(loaded.model)  # holds everything: the whole-model check runs
+    assert not adapter.is_partial
+    if model.config.tie_word_embeddings:  # one tensor, as in the checkpoint
+        assert adapter.head.weight.data_ptr() == adapter.embed.weight.data_ptr()
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits, msg=arch)

@@ -161,33 +161,7 @@ def load_model(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     start = time.perf_counter()
-    path = Path(os.path.expanduser(str(spec)))
-    model = tokenizer = directory = None
-    if spec == DEFAULT_MODEL:
-        name, directory = DEFAULT_MODEL, cache_dir() / _SMOLLM2_CACHE
-        if not (directory / "config.json").exists():
-            model, tokenizer = _load_gguf(packaged_smollm2_dir(), _SMOLLM2_FILE, cache_name=_SMOLLM2_CACHE)
-            if part is not None and (directory / "config.json").exists():
-                model = None  # the copy is written: load the part from it like any directory
-    elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
-        model, tokenizer = _load_gguf(path.parent, path.name, cache_name=None)
-        name = path.stem
-    elif path.is_dir():
-        if not (path / "config.json").exists():
-            raise ValueError(
-                f"{path} is a directory without config.json; model spec must be {ACCEPTED_SPECS}"
-            )
-        name, directory = path.name, path
-    elif _looks_like_hub_id(str(spec)):
-        _log(f"loading {spec} from the Hugging Face hub (needs hub access)")
-        model = AutoModelForCausalLM.from_pretrained(str(spec), dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(spec))
-        name = str(spec)
-    else:
-        raise ValueError(f"unknown model spec {spec!r}; accepted: {ACCEPTED_SPECS}")
-
+    name, directory, model, tokenizer = _open_spec(spec, torch_dtype, partial=part is not None)
     keys_read = files_read = None
     if model is None and part is not None and SafetensorsCheckpoint.present(directory):
         _log(f"loading {part} of {directory}")
@@ -199,7 +173,7 @@ def load_model(
             _log(f"loading {directory}")
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
         if part is not None:
-            _log(f"{name} is not a safetensors directory: loading it whole, then keeping {part}")
+            _log(f"{name}: no safetensors checkpoint to read from; loading it whole, then keeping {part}")
             restrict(model, part)
         model = model.to(device=device, dtype=torch_dtype)
     if part is not None:
@@ -215,6 +189,40 @@ def load_model(
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, part=part, keys_read=keys_read, files_read=files_read
     )
+
+
+def _open_spec(spec: str, dtype: torch.dtype, partial: bool):
+    """``(name, directory, model, tokenizer)`` for ``spec``: a checkpoint directory to load from,
+    or, for sources that cannot be read selectively (GGUF, hub ids), the model already loaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(os.path.expanduser(str(spec)))
+    model = tokenizer = directory = None
+    if spec == DEFAULT_MODEL:
+        name, directory = DEFAULT_MODEL, cache_dir() / _SMOLLM2_CACHE
+        if not (directory / "config.json").exists():
+            model, tokenizer = _load_gguf(packaged_smollm2_dir(), _SMOLLM2_FILE, cache_name=_SMOLLM2_CACHE)
+            if partial and (directory / "config.json").exists():
+                model = None  # the copy is written: load the part from it like any directory
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        model, tokenizer = _load_gguf(path.parent, path.name, cache_name=None)
+        name = path.stem
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(
+                f"{path} is a directory without config.json; model spec must be {ACCEPTED_SPECS}"
+            )
+        name, directory = path.name, path
+    elif _looks_like_hub_id(str(spec)):
+        _log(f"loading {spec} from the Hugging Face hub (needs hub access)")
+        model = AutoModelForCausalLM.from_pretrained(str(spec), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(spec))
+        name = str(spec)
+    else:
+        raise ValueError(f"unknown model spec {spec!r}; accepted: {ACCEPTED_SPECS}")
+    return name, directory, model, tokenizer
 
 
 def load_part(
