@@ -2,6 +2,7 @@
 of a pipeline part (only its tensors read, same numbers as the whole model)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,14 +111,50 @@ def expected_keys(part: ModelPart, weight_map: dict[str, str]) -> set[str]:
     return keys
 
 
-def test_each_part_reads_exactly_its_tensors_from_only_their_shards(sharded):
+@pytest.fixture
+def safetensors_reads(monkeypatch) -> dict[str, set[str]]:
+    """Every safetensors file opened and tensor read, seen from outside the loader."""
+    import safetensors
+
+    reads: dict[str, set[str]] = {"files": set(), "keys": set()}
+    real_open = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, filename, *args, **kwargs):
+            self.name = Path(filename).name
+            self.handle = real_open(filename, *args, **kwargs)
+
+        def __enter__(self):
+            reads["files"].add(self.name)
+            self.opened = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.opened.keys()
+
+        def get_tensor(self, key):
+            reads["keys"].add(key)
+            return self.opened.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    return reads
+
+
+def test_each_part_reads_exactly_its_tensors_from_only_their_shards(sharded, safetensors_reads):
     arch, _, directory, weight_map = sharded
     for part in PIPELINE:
+        safetensors_reads["files"].clear()
+        safetensors_reads["keys"].clear()
         loaded = load_model(str(directory), part=part)
         keys = expected_keys(part, weight_map)
-        assert loaded.keys_read == keys, (arch, part)
-        assert loaded.files_read == {weight_map[k] for k in keys}, (arch, part)
-        assert loaded.files_read < set(weight_map.values())
+        files = {weight_map[k] for k in keys}
+        assert safetensors_reads["keys"] == keys, (arch, part)
+        assert safetensors_reads["files"] == files, (arch, part)
+        assert files < set(weight_map.values())
+        assert (loaded.keys_read, loaded.files_read) == (keys, files)  # what the loader reports
         held = {name for name, _ in loaded.model.named_parameters()}
         layer_names = {n for n in held if ".layers." in n}
         assert {int(n.split(".")[2]) for n in layer_names} == set(part.layers)
