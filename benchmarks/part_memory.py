@@ -6,10 +6,10 @@ builds the model's config and modules on the meta device: every import a load ma
 layers 10..20 of the default model, as the middle of 3 stages), ``stage1-checked`` (the same plus
 the adapter's load-time self-check), ``head`` (final norm + LM head), ``whole`` (every weight).
 Every loaded weight is read once before measuring (a memory-mapped tensor counts only once its
-pages are read). Prints a table and writes ``benchmarks/results/part_memory.json``; peak is
+pages are read). Prints a table and writes ``benchmarks/results/part_memory_<dtype>.json``; peak is
 ``ru_maxrss``.
 
-    PYTHONPATH=$PWD python benchmarks/part_memory.py [--dtype fp32]
+    PYTHONPATH=$PWD python benchmarks/part_memory.py [--dtype fp32|bf16]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
             ratio = f" ({over / row['held_mb']:.2f}x)" if row["held_mb"] else ""
             cells.append(f"{over:.0f}{ratio}".rjust(16))
         print(f"{case:16} " + " ".join(cells))
-    target = Path(__file__).parent / "results" / "part_memory.json"
+    target = Path(__file__).parent / "results" / f"part_memory_{args.dtype}.json"
     target.write_text(json.dumps({"dtype": args.dtype, "model": "smollm2-135m", "cases": results}, indent=2))
 
 

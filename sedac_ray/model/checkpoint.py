@@ -45,7 +45,7 @@ class SafetensorsCheckpoint:
         return key in self.file_of
 
     def read(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(key, tensor)`` on the CPU, one file at a time, opening only the files needed."""
+        """Yield ``(key, tensor)`` on the CPU, file by file, opening only the files needed."""
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}
@@ -55,7 +55,12 @@ class SafetensorsCheckpoint:
             by_file.setdefault(self.file_of[key], []).append(key)
         for filename in sorted(by_file):
             self.files_opened.add(filename)
-            with safe_open(str(self.directory / filename), framework="pt") as handle:
-                for key in by_file[filename]:
-                    self.keys_read.add(key)
-                    yield key, handle.get_tensor(key)
+            for key in by_file[filename]:
+                # One opening per tensor: a tensor is a view of the file's memory map, so the pages
+                # it touched stay resident while the file is open. Reopening (which reads only the
+                # header) lets a tensor that is cast or moved off the CPU take its pages with it,
+                # instead of the whole part's staying mapped beside the copies.
+                with safe_open(str(self.directory / filename), framework="pt") as handle:
+                    tensor = handle.get_tensor(key)
+                self.keys_read.add(key)
+                yield key, tensor

@@ -256,7 +256,9 @@ def load_part(
         )
     state = {}
     for key, tensor in checkpoint.read(wanted):
+        # Same dtype on the CPU: no copy, the weight stays a view of the (shared) page cache.
         value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        del tensor  # a cast's source goes now, not at the next read
         for name in wanted[key]:
             state[name] = value  # tied names share one tensor
     model.load_state_dict(state, strict=False, assign=True)
