@@ -9,7 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sedac_ray.model.adapter import ModelAdapter
-from sedac_ray.model.loading import cache_dir, load_model, packaged_smollm2_dir, resolve_dtype
+from sedac_ray.model.loading import (
+    cache_dir,
+    load_config,
+    load_model,
+    packaged_smollm2_dir,
+    resolve_dtype,
+)
 from sedac_ray.model.parts import ModelPart
 from sedac_ray.runtime.layer_range import LayerRange
 from tests.conftest import TINY_CONFIGS
@@ -213,6 +219,7 @@ def test_bf16_part_loads_on_cpu_and_matches_a_bf16_whole_load(sharded):
 
 def test_bad_parts_are_refused_clearly(sharded):
     _, _, directory, _ = sharded
+    assert load_config(str(directory)).num_hidden_layers == 6  # what a part is sized against
     with pytest.raises(ValueError, match="holds nothing"):
         ModelPart(range(0))
     with pytest.raises(ValueError, match="contiguous"):

@@ -298,20 +298,7 @@ def load_tokenizer_and_config(spec: str = DEFAULT_MODEL):
     serving front door, which tokenizes but runs no layers)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    path = Path(os.path.expanduser(str(spec)))
-    kwargs: dict = {}
-    if spec == DEFAULT_MODEL:
-        cached = cache_dir() / _SMOLLM2_CACHE
-        if (cached / "config.json").exists():
-            source = cached
-        else:
-            source, kwargs = packaged_smollm2_dir(), {"gguf_file": _SMOLLM2_FILE}
-    elif path.suffix == ".gguf":
-        source, kwargs = path.parent, {"gguf_file": path.name}
-    elif path.is_dir() or _looks_like_hub_id(str(spec)):
-        source = path if path.is_dir() else str(spec)
-    else:
-        raise ValueError(f"unknown model spec {spec!r}; accepted: {ACCEPTED_SPECS}")
+    source, kwargs = _config_source(spec)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     config = AutoConfig.from_pretrained(source, **kwargs)
     try:
@@ -319,6 +306,32 @@ def load_tokenizer_and_config(spec: str = DEFAULT_MODEL):
     except OSError:  # not every checkpoint ships one
         generation = GenerationConfig.from_model_config(config)
     return tokenizer, config, generation
+
+
+def load_config(spec: str = DEFAULT_MODEL):
+    """The model config of ``spec`` alone: what a pipeline part needs (its layer count) before
+    choosing which :class:`ModelPart` to load."""
+    from transformers import AutoConfig
+
+    source, kwargs = _config_source(spec)
+    return AutoConfig.from_pretrained(source, **kwargs)
+
+
+def _config_source(spec: str) -> tuple[Path | str, dict]:
+    """Where ``spec``'s config lives, and the ``from_pretrained`` arguments that read it."""
+    path = Path(os.path.expanduser(str(spec)))
+    if spec == DEFAULT_MODEL:
+        cached = cache_dir() / _SMOLLM2_CACHE
+        if (cached / "config.json").exists():
+            return cached, {}
+        return packaged_smollm2_dir(), {"gguf_file": _SMOLLM2_FILE}
+    if path.suffix == ".gguf":
+        return path.parent, {"gguf_file": path.name}
+    if path.is_dir():
+        return path, {}
+    if _looks_like_hub_id(str(spec)):
+        return str(spec), {}
+    raise ValueError(f"unknown model spec {spec!r}; accepted: {ACCEPTED_SPECS}")
 
 
 def _looks_like_hub_id(spec: str) -> bool:
