@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from sedac_ray.model.adapter import ModelAdapter, UnsupportedArchitecture
+from sedac_ray.runtime.check import checked_adapter
 from tests.conftest import TINY_CONFIGS
 
 
@@ -12,7 +13,7 @@ from tests.conftest import TINY_CONFIGS
 def test_tiny_architectures_are_split_structurally(arch):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]()).eval()
-    adapter = ModelAdapter(model)  # verify=True: layer-by-layer logits must equal model(...).logits
+    adapter = checked_adapter(model)  # layer-by-layer logits must equal model(...).logits
     assert adapter.num_layers == model.config.num_hidden_layers
     assert adapter.embed is model.get_input_embeddings()
     assert adapter.head is model.get_output_embeddings()
@@ -76,6 +77,43 @@ def test_released_layers_free_their_weights_and_the_kept_range_runs_unchanged(ar
     assert adapter.release_layers(range(2, 4)) == adapter.num_layers - 2
     assert sum(p.numel() for p in adapter.layers.parameters()) == kept
     assert torch.equal(run(2, 4, entering), before)
-    with pytest.raises(RuntimeError, match="decoder layer 0 was released"):
+    with pytest.raises(RuntimeError, match="decoder layer 0 is not held"):
         run(0, 2, entering)
     assert adapter.release_layers(range(2, 4)) == 0
+
+
+def test_partial_model_is_checked_on_a_small_twin_of_its_architecture(monkeypatch):
+    """A part cannot run the model's own forward, so the check runs on a twin built from its config:
+    a step outside the layers that the adapter cannot see must still fail the part's check."""
+    from sedac_ray.model.parts import ModelPart, restrict
+    from sedac_ray.runtime.check import check_adapter
+
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]()).eval()
+    adapter = ModelAdapter(restrict(model, ModelPart(range(2, 4))), verify=False)
+    assert adapter.is_partial
+    check_adapter(adapter)  # the twin agrees with itself layer by layer
+    decoder_class = type(model.get_decoder())
+    forward = decoder_class.forward
+
+    def doubled(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        return out.__class__(last_hidden_state=out[0] * 2)
+
+    monkeypatch.setattr(decoder_class, "forward", doubled)
+    with pytest.raises(UnsupportedArchitecture, match="does not reproduce"):
+        check_adapter(adapter)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "llama"])
+def test_twin_covers_every_layer_type_with_few_layers_and_a_small_vocabulary(arch):
+    from sedac_ray.runtime.check import TWIN_VOCAB, twin_config
+
+    config = TINY_CONFIGS[arch]()
+    twin = twin_config(config)
+    if arch == "llama":  # one layer type, not listed in the config
+        assert twin.num_hidden_layers == 2
+    else:
+        assert set(twin.layer_types) == set(config.layer_types)
+        assert twin.num_hidden_layers == len(twin.layer_types) < config.num_hidden_layers
+    assert twin.vocab_size == TWIN_VOCAB and config.vocab_size == 49152  # the original is untouched
+    AutoModelForCausalLM.from_config(twin)  # buildable
