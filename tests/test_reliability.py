@@ -249,6 +249,7 @@ def test_concurrency_limit_answers_429_and_resource_exhausted(pipeline, smollm2)
 
 def test_kv_budget_refuses_what_cannot_fit_and_admits_again_when_freed(pipeline, smollm2):
     # Each stage replica's KV pool holds 20 sequences of max_model_len=1024 positions.
+    wait_for_kv_released(pipeline)  # earlier tests' sequences are freed in the background
     code, answer, _ = post(pipeline, "/v1/completions", {"prompt": "hi", "max_tokens": 1100})
     assert code == 413 and "max_model_len" in answer["error"]["message"], answer
     stage0 = pipeline.local.handle("Stage0")

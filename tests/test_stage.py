@@ -22,6 +22,7 @@ def in_process_stage(monkeypatch, config: dict):
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]()).eval()
     replica = SimpleNamespace(replica_id=SimpleNamespace(unique_id="replica"))
     monkeypatch.setattr(stage_module.serve, "get_replica_context", lambda: replica)
+    monkeypatch.setattr(stage_module, "load_config", lambda *a, **k: model.config)
     monkeypatch.setattr(stage_module, "load_model", lambda *a, **k: LoadedModel(model, None, "tiny"))
     return stage_module.StageServer(config, 0)
 

@@ -9,6 +9,8 @@ import torch
 
 from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.model.loading import load_model
+from sedac_ray.model.parts import ModelPart
+from sedac_ray.runtime.check import checked_adapter
 from sedac_ray.sampling import choose_tokens
 from sedac_ray.serve.batcher import Batcher
 from sedac_ray.serve.config import PipelineConfig
@@ -20,9 +22,10 @@ class HeadServer:
         self.config = PipelineConfig.from_args(config)
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
-        loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
-        self.adapter = ModelAdapter(loaded.model)
-        self.adapter.release_layers(range(0))  # the head runs no decoder layer
+        # The final norm and the LM head alone (the embedding too only where tied and stored once).
+        part = ModelPart(range(0), head=True)
+        loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype, part=part)
+        self.adapter = checked_adapter(loaded.model)
         # Exit groups arrive as whole batches from the stages: no waiting for company.
         self.batcher = Batcher(self.sample_batch, self.config.max_batch_size, wait_s=0.0)
 

@@ -37,9 +37,10 @@ import psutil
 import torch
 from ray import serve
 
-from sedac_ray.model.adapter import ModelAdapter
-from sedac_ray.model.loading import load_model
+from sedac_ray.model.loading import load_config, load_model
+from sedac_ray.model.parts import ModelPart
 from sedac_ray.policy import ExitPolicy
+from sedac_ray.runtime.check import checked_adapter
 from sedac_ray.serve.batcher import Batcher
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.errors import ServeError, as_serve_error
@@ -71,11 +72,14 @@ class StageServer:
         self.config = PipelineConfig.from_args(config)
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
-        loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
-        adapter = ModelAdapter(loaded.model)
         self.stage_index = stage_index
-        start, end = self.config.layer_ranges(adapter.num_layers)[stage_index]
-        adapter.release_layers(range(start, end))  # after the adapter's whole-model check
+        num_layers = load_config(self.config.model).num_hidden_layers
+        start, end = self.config.layer_ranges(num_layers)[stage_index]
+        # Only this stage's weights: its layers, the embedding at stage 0, the final norm and LM
+        # head at the last stage (which reads out the rows that run the whole depth).
+        part = ModelPart(range(start, end), embed=stage_index == 0, head=end == num_layers)
+        loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype, part=part)
+        adapter = checked_adapter(loaded.model)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.core = StageCore(
             adapter,
