@@ -60,6 +60,7 @@ from sedac_ray.serve.transport import (
 )
 
 logger = logging.getLogger("ray.serve")
+PREFILL_BATCH = 8
 
 
 def peak_rss_bytes() -> int:
@@ -101,7 +102,9 @@ class StageServer:
         # company there only adds latency.
         wait_s = self.config.batch_wait_timeout_s if stage_index == 0 else 0.0
         self.batcher = Batcher(self.step_batch, self.config.max_batch_size, wait_s)
-        self.prefills = Batcher(self._prefill_batch, self.config.max_batch_size, wait_s)
+        # At most this many prompt chunks share one prefill batch, so a batch (and the wait it
+        # imposes on decoding) stays bounded by PREFILL_BATCH x prefill_chunk_tokens tokens.
+        self.prefills = Batcher(self._prefill_batch, PREFILL_BATCH, wait_s)
         self.metrics = StageMetrics(stage_index)
         self.verifications = VerifiedTokens()  # last stage: drafts' full-depth tokens
         self._sweeper: asyncio.Task | None = None
