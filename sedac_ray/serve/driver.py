@@ -20,12 +20,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from sedac_ray.completion import Completion
+from sedac_ray.sampling import TokenLogprobs
 from sedac_ray.serve.batcher import Batcher
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.errors import DeadlineExceeded, ServeError, Unavailable, as_serve_error
@@ -45,6 +46,7 @@ class TokenEvent:
     index: int
     finish_reason: str | None
     draft: bool = False  # an unverified draft (speculative requests that asked to see drafts)
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 class PipelineDriver:
@@ -132,7 +134,7 @@ class PipelineDriver:
             )
             result = await self._within(self.stages[0].prefill.remote(prefill), deadline)
             route, step = result.route, result.first
-            completion.add(step.token, step.exit_layer)
+            completion.add(step.token, step.exit_layer, step.logprobs)
             yield self._event(completion, step.exit_layer)
             if request.speculative:
                 async for event in self._speculate(seq_id, route, request, completion, deadline):
@@ -142,8 +144,10 @@ class PipelineDriver:
             self.decoding += 1
             position = len(request.prompt_ids)
             while not completion.finished:
-                step = await self._step(seq_id, route, request, position, step.token, deadline)
-                completion.add(step.token, step.exit_layer)
+                step = await self._step(
+                    seq_id, route, request, position, step.token, deadline, generated=completion.token_ids
+                )
+                completion.add(step.token, step.exit_layer, step.logprobs)
                 yield self._event(completion, step.exit_layer)
                 position += 1
         finally:
@@ -158,7 +162,14 @@ class PipelineDriver:
     def _event(completion: Completion, exit_layer: int) -> TokenEvent:
         """The event for the completion's newest token."""
         token, index = completion.token_ids[-1], len(completion.token_ids) - 1
-        return TokenEvent(token, exit_layer, completion.new_text(), index, completion.finish_reason)
+        return TokenEvent(
+            token,
+            exit_layer,
+            completion.new_text(),
+            index,
+            completion.finish_reason,
+            logprobs=completion.logprobs[-1],
+        )
 
     def _step(
         self,
@@ -169,6 +180,7 @@ class PipelineDriver:
         token: int,
         deadline: float,
         epoch: int | None = None,
+        generated: Sequence[int] = (),
     ) -> Awaitable[TokenResult]:
         """One decode step of the sequence (speculative when ``epoch`` is given)."""
         rows = Rows(
@@ -176,7 +188,7 @@ class PipelineDriver:
             positions=np.asarray([position]),
             rules=np.asarray([request.policy.rule()], dtype=np.float32),
             state=np.zeros(1, np.int64),
-            sampling=[request.sampling],
+            sampling=[request.sampling.for_step(generated)],  # penalties need the tokens so far
             routes=[route],
             token_ids=np.asarray([token]),
         )

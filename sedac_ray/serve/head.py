@@ -8,7 +8,7 @@ import torch
 
 from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.model.loading import load_model
-from sedac_ray.sampling import choose_tokens
+from sedac_ray.sampling import TokenLogprobs, choose_tokens, token_logprobs
 from sedac_ray.serve.batcher import Batcher
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.transport import Rows, TokenResult, unpack_hidden
@@ -31,10 +31,10 @@ class HeadServer:
 
     async def sample_batch(self, messages: list[Rows]) -> list[dict[str, TokenResult]]:
         rows = Rows.concat(messages)
-        tokens = await asyncio.to_thread(self._choose, rows)
+        tokens, logprobs = await asyncio.to_thread(self._choose, rows)
         chosen = [
-            TokenResult(token, int(layer))
-            for token, layer in zip(tokens, rows.exit_layer.tolist(), strict=True)
+            TokenResult(token, int(layer), logprob)
+            for token, layer, logprob in zip(tokens, rows.exit_layer.tolist(), logprobs, strict=True)
         ]
         # Split by message, not by sequence: a speculative sequence may have two rows here at once
         # (a draft from one stage and the verification of its previous token from another).
@@ -44,7 +44,9 @@ class HeadServer:
             start += len(message)
         return answers
 
-    def _choose(self, rows: Rows) -> list[int]:
+    def _choose(self, rows: Rows) -> tuple[list[int], list[TokenLogprobs | None]]:
         with torch.inference_mode():
             hidden = unpack_hidden(rows.hidden, rows.hidden_dtype, self.adapter.device)
-            return choose_tokens(self.adapter.logits(hidden), rows.sampling, rows.positions.tolist())
+            logits = self.adapter.logits(hidden)
+            tokens = choose_tokens(logits, rows.sampling, rows.positions.tolist())
+            return tokens, token_logprobs(logits, tokens, rows.sampling)
