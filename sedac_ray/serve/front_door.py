@@ -68,8 +68,9 @@ class RequestScope:
     and one JSON log line): success; a client that left (``CancelledError`` or a closed stream:
     HTTP 499, gRPC ``CANCELLED``, re-raised); or any other failure, which becomes
     :attr:`error` (a :class:`ServeError`; set on the gRPC context too) and is not re-raised, so
-    the handler answers it after the block. A stream :meth:`hand_off` s the scope to the
-    generator that enters it a second time; the handler's exit then leaves it open.
+    the handler answers it after the block. A streaming handler calls :meth:`hand_off` and gives
+    the scope to its response generator, which enters it a second time; the handler's own exit
+    then leaves the place taken and records nothing.
     """
 
     def __init__(self, door: FrontDoorServer, protocol: str, grpc_context=None):
