@@ -40,6 +40,11 @@ class SedacClient:
         disable_exit: bool = False,
         speculative: bool = False,
         stream_drafts: bool = False,
+        n: int = 0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> sedac_pb2.GenerateRequest:
         exit_config = sedac_pb2.ExitConfig(
             disable=disable_exit, speculative=speculative, stream_drafts=stream_drafts
@@ -54,6 +59,11 @@ class SedacClient:
             seed=seed,
             stop=stop or [],
             exit=exit_config,
+            n=n,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
         if chat:
             request.messages.append(sedac_pb2.ChatMessage(role="user", content=prompt))

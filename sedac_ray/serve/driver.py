@@ -22,12 +22,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from sedac_ray.completion import Completion
+from sedac_ray.sampling import TokenLogprobs
 from sedac_ray.serve.batcher import Batcher
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.errors import DeadlineExceeded, Overloaded, Unavailable, as_serve_error
@@ -47,6 +48,7 @@ class TokenEvent:
     index: int
     finish_reason: str | None
     draft: bool = False  # an unverified draft (speculative requests that asked to see drafts)
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 class PipelineDriver:
@@ -106,7 +108,7 @@ class PipelineDriver:
                             yield event
                         return
                     step = await self._decode(seq_id, route, request, completion, deadline)
-                    completion.add(step.token, step.exit_layer)
+                    completion.add(step.token, step.exit_layer, step.logprobs)
                     yield self._event(completion, step.exit_layer)
                 except Exception as err:
                     error = as_serve_error(err)
@@ -156,7 +158,7 @@ class PipelineDriver:
                 pause = min(2 * pause, 2.0)
                 continue
             if not completion.token_ids:  # a replay keeps its tokens; the prefill's own is dropped
-                completion.add(result.first.token, result.first.exit_layer)
+                completion.add(result.first.token, result.first.exit_layer, result.first.logprobs)
             return seq_id, result.route
 
     async def _decode(
@@ -169,7 +171,10 @@ class PipelineDriver:
     ) -> TokenResult:
         """One plain decode step from the newest token, as part of a step group."""
         position = len(request.prompt_ids) + len(completion.token_ids) - 1
-        return await self._step(seq_id, route, request, position, completion.token_ids[-1], deadline)
+        token = completion.token_ids[-1]
+        return await self._step(
+            seq_id, route, request, position, token, deadline, generated=completion.token_ids
+        )
 
     def _release_later(self, seq_id: str, route: tuple[str, ...]) -> None:
         task = asyncio.ensure_future(self._release(seq_id, route))
@@ -180,7 +185,14 @@ class PipelineDriver:
     def _event(completion: Completion, exit_layer: int) -> TokenEvent:
         """The event for the completion's newest token."""
         token, index = completion.token_ids[-1], len(completion.token_ids) - 1
-        return TokenEvent(token, exit_layer, completion.new_text(), index, completion.finish_reason)
+        return TokenEvent(
+            token,
+            exit_layer,
+            completion.new_text(),
+            index,
+            completion.finish_reason,
+            logprobs=completion.logprobs[-1],
+        )
 
     def _step(
         self,
@@ -191,6 +203,7 @@ class PipelineDriver:
         token: int,
         deadline: float,
         epoch: int | None = None,
+        generated: Sequence[int] = (),
     ) -> Awaitable[TokenResult]:
         """One decode step of the sequence (speculative when ``epoch`` is given)."""
         rows = Rows(
@@ -198,7 +211,7 @@ class PipelineDriver:
             positions=np.asarray([position]),
             rules=np.asarray([request.policy.rule()], dtype=np.float32),
             state=np.zeros(1, np.int64),
-            sampling=[request.sampling],
+            sampling=[request.sampling.for_step(generated)],  # penalties need the tokens so far
             routes=[route],
             token_ids=np.asarray([token]),
         )

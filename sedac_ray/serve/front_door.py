@@ -1,10 +1,13 @@
 """The ingress: OpenAI-style HTTP (FastAPI) and gRPC (``sedac.v1.SedacService``) in one deployment.
 
 Both protocols go through the same steps: auth, size limit, parsing and validation
-(:class:`RequestBuilder`), admission (a concurrency limit here, a KV budget in every stage), then
-the :class:`PipelineDriver` runs the sequence. Every outcome is one
-:class:`~sedac_ray.serve.errors.ServeError` class with its HTTP status and gRPC code, counted in
-the metrics and logged as one JSON line that carries the request id the client also gets back.
+(:mod:`~sedac_ray.serve.openai_protocol` for HTTP bodies, then :class:`RequestBuilder` for both),
+admission (a concurrency limit here, a KV budget in every stage), then the
+:class:`PipelineDriver` runs each of the request's ``n`` choices as a sequence of its own. One
+:class:`RequestScope` holds every request's lifecycle: its place under the limit, a client that
+left (HTTP 499, gRPC ``CANCELLED``), the mapping of any failure to one
+:class:`~sedac_ray.serve.errors.ServeError` with its HTTP status and gRPC code, the metrics, and
+one JSON log line that carries the request id the client also gets back.
 """
 
 from __future__ import annotations
@@ -15,29 +18,21 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-)
 from ray import serve
 
 from sedac_ray.completion import Completion, eos_token_ids
 from sedac_ray.model.loading import load_tokenizer_and_config
+from sedac_ray.sampling import TokenLogprobs
 from sedac_ray.serve.auth import ApiKeyAuth, grpc_authorization
 from sedac_ray.serve.config import PipelineConfig
-from sedac_ray.serve.driver import PipelineDriver
+from sedac_ray.serve.driver import PipelineDriver, TokenEvent
 from sedac_ray.serve.errors import (
+    InvalidRequest,
     MalformedRequest,
     Overloaded,
     RequestTooLarge,
@@ -49,49 +44,10 @@ from sedac_ray.serve.errors import (
 from sedac_ray.serve.generated import sedac_pb2
 from sedac_ray.serve.grpc_service import UnparsableRequest
 from sedac_ray.serve.metrics import FrontDoorMetrics
+from sedac_ray.serve.openai_protocol import OpenAIResponses, build_arguments, parse_body
 from sedac_ray.serve.requests import GenerationRequest, RequestBuilder
 
 logger = logging.getLogger("ray.serve")
-
-
-# ---- HTTP schemas (strict: a string where a number belongs is a 422, not a guess) ----------------
-
-
-class SedacOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    disable_exit: StrictBool = False
-    tau: StrictFloat | StrictInt | None = None
-    k: StrictInt | None = None
-    min_layer: StrictInt | None = None
-    window: StrictInt | None = None
-    speculative: StrictBool = False
-    stream_drafts: StrictBool = False
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: StrictStr | None = None
-    max_tokens: StrictInt | None = None
-    temperature: StrictFloat | StrictInt | None = None
-    top_p: StrictFloat | StrictInt | None = None
-    seed: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    stream: StrictBool = False
-    sedac: SedacOptions | None = None
-
-
-class CompletionBody(_Common):
-    prompt: StrictStr
-
-
-class ChatMessageBody(BaseModel):
-    role: StrictStr
-    content: StrictStr
-
-
-class ChatBody(_Common):
-    messages: list[ChatMessageBody] = Field(min_length=1)
-
 
 app = FastAPI(title="sedac-ray", description="Early-exit LLM serving")
 
@@ -102,6 +58,72 @@ def current_request_id() -> str:
     from ray.serve.context import _get_serve_request_context
 
     return _get_serve_request_context().request_id or uuid.uuid4().hex
+
+
+class RequestScope:
+    """One request from arrival to its log line, as an async context manager.
+
+    Inside ``async with scope:`` the handler checks, parses, calls :meth:`admit` and runs the
+    request. On leaving, the scope gives the admitted place back, and records the outcome (metrics
+    and one JSON log line): success; a client that left (``CancelledError`` or a closed stream:
+    HTTP 499, gRPC ``CANCELLED``, re-raised); or any other failure, which becomes
+    :attr:`error` (a :class:`ServeError`; set on the gRPC context too) and is not re-raised, so
+    the handler answers it after the block. A streaming handler calls :meth:`hand_off` and gives
+    the scope to its response generator, which enters it a second time; the handler's own exit
+    then leaves the place taken and records nothing.
+    """
+
+    def __init__(self, door: FrontDoorServer, protocol: str, grpc_context=None):
+        self.door = door
+        self.protocol = protocol
+        self.grpc_context = grpc_context
+        self.request_id = current_request_id()
+        self.started = time.perf_counter()
+        self.request: GenerationRequest | None = None
+        self.completions: list[Completion] = []
+        self.error: ServeError | None = None
+        self._admitted = False
+        self._handed_off = False
+
+    def admit(self, request: GenerationRequest) -> GenerationRequest:
+        """Takes the request's place under the concurrency limit (or refuses it: Overloaded)."""
+        self.request = request
+        self.door.take_place()
+        self._admitted = True
+        return request
+
+    def hand_off(self) -> RequestScope:
+        self._handed_off = True
+        return self
+
+    def release(self) -> None:
+        """Gives the place back, once (also called when a stream is dropped unstarted)."""
+        if self._admitted:
+            self._admitted = False
+            self.door.give_place_back()
+
+    async def __aenter__(self) -> RequestScope:
+        self._handed_off = False
+        return self
+
+    async def __aexit__(self, kind, error, traceback) -> bool:
+        if error is None and self._handed_off:
+            return False
+        self.release()
+        if error is None:
+            self.door.record(self, "200" if self.protocol == "http" else "OK")
+            return False
+        if not isinstance(error, Exception):  # cancelled, or the stream was closed: the client left
+            self.error = ServeError("client disconnected")
+            self.door.record(self, "499" if self.protocol == "http" else "CANCELLED")
+            return False
+        self.error = as_serve_error(error)
+        if self.protocol == "grpc":
+            set_grpc_error(self.grpc_context, self.error, self.request_id)
+            self.door.record(self, self.error.grpc_code.name)
+        else:
+            self.door.record(self, str(self.error.http_status))
+        return True
 
 
 class FrontDoorServer:
@@ -134,49 +156,105 @@ class FrontDoorServer:
     def new_completion(self, request: GenerationRequest) -> Completion:
         return Completion(self.tokenizer, request.max_tokens, self.eos_ids, request.stop)
 
-    # ---- what both protocols share: admission, accounting, logs --------------------------------
+    # ---- what both protocols share: admission, the choices, accounting, logs -------------------
 
-    def _admit(self) -> Admission:
+    def take_place(self) -> None:
         if self.active >= self.config.max_concurrent_requests:
             raise Overloaded(
                 f"the server is at its limit of {self.config.max_concurrent_requests} concurrent "
                 "requests; retry shortly"
             )
         self._count(+1)
-        return Admission(lambda: self._count(-1))
+
+    def give_place_back(self) -> None:
+        self._count(-1)
 
     def _count(self, change: int) -> None:
         self.active += change
         self.metrics.in_flight.set(self.active)
 
-    def _record(
-        self,
-        protocol: str,
-        request_id: str,
-        started: float,
-        code: str,
-        request: GenerationRequest | None = None,
-        completion: Completion | None = None,
-        error: ServeError | None = None,
-    ) -> None:
-        latency = time.perf_counter() - started
+    async def complete(self, request: GenerationRequest) -> list[Completion]:
+        """The request's ``n`` choices, whole; the others stop as soon as one fails."""
+        choices = [request.for_choice(i) for i in range(request.n)]
+        tasks = [
+            asyncio.ensure_future(self.driver.complete(choice, lambda c=choice: self.new_completion(c)))
+            for choice in choices
+        ]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()  # a no-op for the finished ones
+
+    async def stream(
+        self, request: GenerationRequest, completions: list[Completion]
+    ) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(choice index, event) of the request's choices as their tokens come, interleaved.
+        ``completions`` receives each choice's completion."""
+        choices = [request.for_choice(i) for i in range(request.n)]
+        completions[:] = [self.new_completion(choice) for choice in choices]
+        if len(choices) == 1:
+            async for event in self.driver.stream(choices[0], completions[0]):
+                yield 0, event
+            return
+        # A small queue keeps a slow reader's backpressure on every choice.
+        queue: asyncio.Queue = asyncio.Queue(maxsize=len(choices))
+
+        async def pump(index: int) -> None:
+            try:
+                async for event in self.driver.stream(choices[index], completions[index]):
+                    await queue.put((index, event, None))
+            except Exception as err:
+                await queue.put((index, None, err))
+                return
+            await queue.put((index, None, None))
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(choices))]
+        try:
+            running = len(tasks)
+            while running:
+                index, event, error = await queue.get()
+                if error is not None:
+                    raise error
+                if event is None:
+                    running -= 1
+                else:
+                    yield index, event
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def record(self, scope: RequestScope, code: str) -> None:
+        """Metrics and the JSON log line of a request that ended with ``code``."""
+        latency = time.perf_counter() - scope.started
+        request, completions, error = scope.request, scope.completions, scope.error
         if error is None:
-            self.metrics.answered(protocol, code, latency, len(request.prompt_ids) if request else 0)
+            prompt_tokens = len(request.prompt_ids) if request else 0
+            self.metrics.answered(scope.protocol, code, latency, prompt_tokens)
         else:
-            self.metrics.failed(protocol, code)
-        if completion is not None:
+            self.metrics.failed(scope.protocol, code)
+        for completion in completions:
             self.metrics.tokens(completion.exit_layers)
             if completion.speculative is not None:
                 self.metrics.speculative(completion.speculative)
-        entry = {"event": "request", "request_id": request_id, "protocol": protocol, "status": code}
-        entry["latency_ms"] = round(latency * 1000, 1)
+        entry = {
+            "event": "request",
+            "request_id": scope.request_id,
+            "protocol": scope.protocol,
+            "status": code,
+            "latency_ms": round(latency * 1000, 1),
+        }
         if request is not None:
             entry["prompt_tokens"] = len(request.prompt_ids)
-        if completion is not None:
-            entry["completion_tokens"] = len(completion.token_ids)
-            entry["mean_layers"] = round(completion.mean_layers, 2)
-            if completion.speculative is not None:
-                entry["speculative"] = completion.speculative.as_dict()
+        if completions:
+            layers = [layer for c in completions for layer in c.exit_layers]
+            entry["completion_tokens"] = len(layers)
+            entry["mean_layers"] = round(sum(layers) / len(layers), 2) if layers else 0.0
+            if len(completions) > 1:
+                entry["choices"] = len(completions)
+            speculative = [c.speculative for c in completions if c.speculative is not None]
+            if speculative:
+                entry["speculative"] = sum(speculative[1:], speculative[0]).as_dict()
         if error is not None:
             entry["error"] = error.message
         (logger.warning if error is not None and error.http_status >= 500 else logger.info)(json.dumps(entry))
@@ -211,7 +289,7 @@ class FrontDoorServer:
     async def chat_completions(self, http_request: Request):
         return await self._http(http_request, chat=True)
 
-    async def _read_body(self, http_request: Request, chat: bool) -> CompletionBody | ChatBody:
+    async def _read_json(self, http_request: Request):
         declared = http_request.headers.get("content-length")
         limit = self.config.max_request_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -220,133 +298,41 @@ class FrontDoorServer:
         if len(raw) > limit:
             raise RequestTooLarge(f"the request body is {len(raw)} bytes; the limit is {limit}")
         try:
-            data = json.loads(raw)
+            return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise MalformedRequest(f"the body is not valid JSON (UTF-8): {err}") from None
-        try:
-            return (ChatBody if chat else CompletionBody).model_validate(data)
-        except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors(include_url=False)
-            )
-            raise MalformedRequest(problems) from None
-
-    def _build_http(self, body: CompletionBody | ChatBody, chat: bool) -> GenerationRequest:
-        return self.requests.build(
-            prompt=None if chat else body.prompt,
-            messages=[m.model_dump() for m in body.messages] if chat else None,
-            max_tokens=body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=[body.stop] if isinstance(body.stop, str) else body.stop,
-            exit_overrides=body.sedac.model_dump(exclude_none=True) if body.sedac else {},
-            model=body.model,
-        )
 
     async def _http(self, http_request: Request, chat: bool):
-        request_id = current_request_id()
-        started = time.perf_counter()
-        request = completion = None
-        try:
+        async with RequestScope(self, "http") as scope:
             self.auth.check(http_request.headers.get("authorization"))
-            body = await self._read_body(http_request, chat)
-            request = self._build_http(body, chat)
-            admission = self._admit()
-        except ServeError as err:
-            self._record("http", request_id, started, str(err.http_status), request, error=err)
-            return http_error(err, request_id)
-        created = int(time.time())
-        if body.stream:
-            stream = self._sse(request, admission, request_id, started, created, chat)
-            # A stream the server never starts (the client left first) must still give its place back.
-            weakref.finalize(stream, admission.release)
-            return StreamingResponse(
-                stream, media_type="text/event-stream", headers={"x-request-id": request_id}
+            body = parse_body(await self._read_json(http_request), chat)
+            request = scope.admit(self.requests.build(**build_arguments(body, chat)))
+            responses = OpenAIResponses(
+                self.tokenizer, self.model_name, self.num_layers, chat, scope.request_id, int(time.time())
             )
-        try:
-            completion = await self.driver.complete(request, lambda: self.new_completion(request))
-        except asyncio.CancelledError:  # the client hung up
-            self._record("http", request_id, started, "499", request, error=ServeError("client disconnected"))
-            raise
-        except Exception as err:
-            error = as_serve_error(err)
-            self._record("http", request_id, started, str(error.http_status), request, error=error)
-            return http_error(error, request_id)
-        finally:
-            admission.release()
-        self._record("http", request_id, started, "200", request, completion)
-        usage = {
-            "prompt_tokens": len(request.prompt_ids),
-            "completion_tokens": len(completion.token_ids),
-            "total_tokens": len(request.prompt_ids) + len(completion.token_ids),
-            "num_layers": self.num_layers,
-            "mean_layers": completion.mean_layers,
-        }
-        if completion.speculative is not None:
-            usage["speculative"] = completion.speculative.as_dict()
-        choice = _choice(
-            chat,
-            completion.text,
-            streaming=False,
-            finish_reason=completion.finish_reason,
-            token_ids=completion.token_ids,
-            exit_layers=completion.exit_layers,
-        )
-        return {
-            "id": ("chatcmpl-" if chat else "cmpl-") + request_id,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": created,
-            "model": self.model_name,
-            "choices": [choice],
-            "usage": usage,
-        }
-
-    async def _sse(
-        self,
-        request: GenerationRequest,
-        admission: Admission,
-        request_id: str,
-        started: float,
-        created: int,
-        chat: bool,
-    ):
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        completion = self.new_completion(request)
-        code, error = "200", None
-        try:
-            async for event in self.driver.stream(request, completion):
-                choice = _choice(
-                    chat,
-                    event.text,
-                    streaming=True,
-                    finish_reason=event.finish_reason,
-                    token_id=event.token,
-                    exit_layer=event.exit_layer,
+            if body.stream:
+                include_usage = body.stream_options is not None and body.stream_options.include_usage
+                stream = self._sse(scope.hand_off(), responses, include_usage)
+                # A stream the server never starts (the client left first) must still give its place back.
+                weakref.finalize(stream, scope.release)
+                return StreamingResponse(
+                    stream, media_type="text/event-stream", headers={"x-request-id": scope.request_id}
                 )
-                if event.draft:
-                    choice["draft"] = True
-                chunk = {
-                    "id": ("chatcmpl-" if chat else "cmpl-") + request_id,
-                    "object": kind,
-                    "created": created,
-                    "model": self.model_name,
-                    "choices": [choice],
-                }
-                if event.finish_reason and completion.speculative is not None:
-                    chunk["speculative"] = completion.speculative.as_dict()
+            scope.completions = await self.complete(request)
+            return responses.response(request, scope.completions)
+        return http_error(scope.error, scope.request_id)
+
+    async def _sse(self, scope: RequestScope, responses: OpenAIResponses, include_usage: bool):
+        async with scope:
+            async for index, event in self.stream(scope.request, scope.completions):
+                chunk = responses.chunk(index, event, scope.completions[index], include_usage)
                 yield f"data: {json.dumps(chunk)}\n\n"
-        except asyncio.CancelledError:
-            code, error = "499", ServeError("client disconnected")
-            raise
-        except Exception as err:  # the status line is sent: report the error as an event
-            error = as_serve_error(err)
-            code = str(error.http_status)
+            if include_usage:
+                yield f"data: {json.dumps(responses.usage_chunk(scope.request, scope.completions))}\n\n"
+        if scope.error is not None:  # the status line is sent: report the error as an event
+            error = scope.error
             payload = {"message": error.message, "type": error.kind, "code": error.http_status}
-            yield f"data: {json.dumps({'error': {**payload, 'request_id': request_id}})}\n\n"
-        finally:
-            admission.release()
-            self._record("http", request_id, started, code, request, completion, error)
+            yield f"data: {json.dumps({'error': {**payload, 'request_id': scope.request_id}})}\n\n"
         yield "data: [DONE]\n\n"
 
     # ---- gRPC (method names equal the RPC names) ----------------------------------------------
@@ -372,6 +358,8 @@ class FrontDoorServer:
         for name in ("tau", "k", "min_layer", "window"):
             if exit_config.HasField(name):
                 overrides[name] = getattr(exit_config, name)
+        if message.top_logprobs and not message.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs = true")
         return self.requests.build(
             prompt=message.prompt or None,
             messages=[{"role": m.role, "content": m.content} for m in message.messages] or None,
@@ -382,62 +370,38 @@ class FrontDoorServer:
             stop=list(message.stop),
             exit_overrides=overrides,
             model=message.model or None,
+            n=message.n or None,
+            presence_penalty=message.presence_penalty,
+            frequency_penalty=message.frequency_penalty,
+            logprobs=message.top_logprobs if message.logprobs else None,
         )
-
-    def _grpc_failed(self, grpc_context, request_id, started, error: ServeError, request=None) -> None:
-        set_grpc_error(grpc_context, error, request_id)
-        self._record("grpc", request_id, started, error.grpc_code.name, request, error=error)
-
-    def _grpc_admit(self, message, grpc_context, request_id: str, started: float):
-        """The checked request and its admission, or None once the refusal has been answered."""
-        request = None
-        try:
-            request = self._grpc_request(message, grpc_context)
-            return request, self._admit()
-        except ServeError as err:
-            self._grpc_failed(grpc_context, request_id, started, err, request)
-            return None
 
     async def Generate(self, message, grpc_context=None) -> sedac_pb2.GenerateResponse:
-        request_id = current_request_id()
-        started = time.perf_counter()
-        admitted = self._grpc_admit(message, grpc_context, request_id, started)
-        if admitted is None:
-            return sedac_pb2.GenerateResponse(request_id=request_id)
-        request, admission = admitted
-        try:
-            completion = await self.driver.complete(request, lambda: self.new_completion(request))
-        except asyncio.CancelledError:
-            self._record("grpc", request_id, started, "CANCELLED", request, error=ServeError("cancelled"))
-            raise
-        except Exception as err:
-            self._grpc_failed(grpc_context, request_id, started, as_serve_error(err), request)
-            return sedac_pb2.GenerateResponse(request_id=request_id)
-        finally:
-            admission.release()
-        self._record("grpc", request_id, started, "OK", request, completion)
-        return sedac_pb2.GenerateResponse(
-            text=completion.text,
-            token_ids=completion.token_ids,
-            exit_layers=completion.exit_layers,
-            num_layers=self.num_layers,
-            finish_reason=completion.finish_reason,
-            prompt_tokens=len(request.prompt_ids),
-            mean_layers=completion.mean_layers,
-            request_id=request_id,
-            speculative=_speculative_pb(completion),
-        )
+        async with RequestScope(self, "grpc", grpc_context) as scope:
+            request = scope.admit(self._grpc_request(message, grpc_context))
+            scope.completions = completions = await self.complete(request)
+            choices = [_choice_pb(i, c) for i, c in enumerate(completions)]
+            first = choices[0]
+            return sedac_pb2.GenerateResponse(
+                text=first.text,
+                token_ids=first.token_ids,
+                exit_layers=first.exit_layers,
+                num_layers=self.num_layers,
+                finish_reason=first.finish_reason,
+                prompt_tokens=len(request.prompt_ids),
+                mean_layers=first.mean_layers,
+                request_id=scope.request_id,
+                speculative=first.speculative if first.HasField("speculative") else None,
+                logprobs=first.logprobs,
+                choices=choices,
+            )
+        return sedac_pb2.GenerateResponse(request_id=scope.request_id)
 
     async def GenerateStream(self, message, grpc_context=None) -> AsyncIterator[sedac_pb2.GenerateChunk]:
-        request_id = current_request_id()
-        started = time.perf_counter()
-        admitted = self._grpc_admit(message, grpc_context, request_id, started)
-        if admitted is None:
-            return
-        request, admission = admitted
-        completion = self.new_completion(request)
-        try:
-            async for event in self.driver.stream(request, completion):
+        async with RequestScope(self, "grpc", grpc_context) as scope:
+            request = scope.admit(self._grpc_request(message, grpc_context))
+            async for index, event in self.stream(request, scope.completions):
+                completion = scope.completions[index]
                 yield sedac_pb2.GenerateChunk(
                     text=event.text,
                     token_id=event.token,
@@ -445,33 +409,12 @@ class FrontDoorServer:
                     index=event.index,
                     finish_reason=event.finish_reason or "",
                     num_layers=self.num_layers,
-                    request_id=request_id,
+                    request_id=scope.request_id,
                     draft=event.draft,
                     speculative=_speculative_pb(completion) if event.finish_reason else None,
+                    choice_index=index,
+                    logprobs=_logprobs_pb(event.logprobs),
                 )
-        except asyncio.CancelledError:
-            self._record(
-                "grpc", request_id, started, "CANCELLED", request, completion, ServeError("cancelled")
-            )
-            raise
-        except Exception as err:
-            self._grpc_failed(grpc_context, request_id, started, as_serve_error(err), request)
-            return
-        finally:
-            admission.release()
-        self._record("grpc", request_id, started, "OK", request, completion)
-
-
-class Admission:
-    """A request's place under the concurrency limit; :meth:`release` gives it back, once."""
-
-    def __init__(self, on_release: Callable[[], None]):
-        self._on_release: Callable[[], None] | None = on_release
-
-    def release(self) -> None:
-        if self._on_release is not None:
-            on_release, self._on_release = self._on_release, None
-            on_release()
 
 
 def _speculative_pb(completion: Completion) -> sedac_pb2.SpeculativeStats | None:
@@ -480,16 +423,24 @@ def _speculative_pb(completion: Completion) -> sedac_pb2.SpeculativeStats | None
     return sedac_pb2.SpeculativeStats(**asdict(completion.speculative))  # the same field names
 
 
-def _choice(chat: bool, text: str, streaming: bool, **fields) -> dict:
-    """One OpenAI-style choice: ``text`` for completions, ``message``/``delta`` for chat."""
-    choice = {"index": 0, **fields}
-    if not chat:
-        choice["text"] = text
-    elif streaming:
-        choice["delta"] = {"content": text}
-    else:
-        choice["message"] = {"role": "assistant", "content": text}
-    return choice
+def _logprobs_pb(logprobs: TokenLogprobs | None) -> sedac_pb2.TokenLogprobs | None:
+    if logprobs is None:
+        return None
+    top = [sedac_pb2.TopLogprob(token_id=t, logprob=value) for t, value in logprobs.top]
+    return sedac_pb2.TokenLogprobs(logprob=logprobs.logprob, top=top)
+
+
+def _choice_pb(index: int, completion: Completion) -> sedac_pb2.Choice:
+    return sedac_pb2.Choice(
+        index=index,
+        text=completion.text,
+        token_ids=completion.token_ids,
+        exit_layers=completion.exit_layers,
+        finish_reason=completion.finish_reason,
+        mean_layers=completion.mean_layers,
+        speculative=_speculative_pb(completion),
+        logprobs=[_logprobs_pb(lp) for lp in completion.logprobs if lp is not None],
+    )
 
 
 FrontDoor = serve.ingress(app)(FrontDoorServer)

@@ -11,7 +11,7 @@ from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.model.loading import load_model
 from sedac_ray.model.parts import ModelPart
 from sedac_ray.runtime.check import checked_adapter
-from sedac_ray.sampling import choose_tokens
+from sedac_ray.sampling import choose_tokens, token_logprobs
 from sedac_ray.serve.batcher import Batcher
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.transport import Rows, TokenResult, unpack_hidden
@@ -46,10 +46,14 @@ class HeadServer:
 
 
 def read_out(adapter: ModelAdapter, rows: Rows) -> list[TokenResult]:
-    """The next token of each row, chosen from ``lm_head(final_norm(hidden))``."""
+    """The next token of each row, chosen from ``lm_head(final_norm(hidden))`` (with its
+    log-probabilities when the row's sampling params ask for them)."""
     with torch.inference_mode():
         hidden = unpack_hidden(rows.hidden, rows.hidden_dtype, adapter.device)
-        tokens = choose_tokens(adapter.logits(hidden), rows.sampling, rows.positions.tolist())
+        logits = adapter.logits(hidden)
+        tokens = choose_tokens(logits, rows.sampling, rows.positions.tolist())
+        logprobs = token_logprobs(logits, tokens, rows.sampling)
     return [
-        TokenResult(token, int(layer)) for token, layer in zip(tokens, rows.exit_layer.tolist(), strict=True)
+        TokenResult(token, int(layer), logprob)
+        for token, layer, logprob in zip(tokens, rows.exit_layer.tolist(), logprobs, strict=True)
     ]

@@ -7,6 +7,7 @@ things; a refusal is an :class:`InvalidRequest` whose message says what to fix (
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from sedac_ray.sampling import SamplingParams
 from sedac_ray.serve.errors import InvalidRequest
 
 CHAT_ROLES = ("system", "user", "assistant")
+MAX_CHOICES = 16  # choices (`n`) per request: each is a sequence of its own in every stage
 
 
 def _check_utf8(text: str, field: str) -> None:
@@ -36,6 +38,17 @@ class GenerationRequest:
     policy: ExitPolicy
     speculative: bool = False  # lossless: exits are drafts, verified at full depth
     stream_drafts: bool = False  # a stream also shows drafts, marked as such
+    n: int = 1  # independent choices, each its own sequence through the pipeline
+
+    def for_choice(self, index: int) -> GenerationRequest:
+        """The request for choice ``index`` alone. Choice 0 keeps the seed, so ``n=1`` and the first
+        of ``n`` choices agree; the others get seeds derived from it, so seeded choices differ
+        from each other yet repeat for the same seed."""
+        sampling = self.sampling
+        if index and sampling.seed is not None:
+            seed = (sampling.seed + index * 0x9E3779B97F4A7C15) % (1 << 63)  # golden-ratio stride
+            sampling = dataclasses.replace(sampling, seed=seed)
+        return dataclasses.replace(self, sampling=sampling, n=1)
 
 
 class RequestBuilder:
@@ -66,7 +79,13 @@ class RequestBuilder:
         stop: list[str] | None = None,
         exit_overrides: dict | None = None,
         model: str | None = None,
+        n: int | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        logprobs: int | None = None,
     ) -> GenerationRequest:
+        """``logprobs``: None for none, else how many likeliest alternatives to report per token
+        besides the chosen one."""
         if model and model != self.model_name:
             raise InvalidRequest(
                 f"model {model!r} is not served here; this server serves {self.model_name!r}"
@@ -84,11 +103,17 @@ class RequestBuilder:
                 f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                 f"context of {self.max_context} tokens; shorten the prompt or lower max_tokens"
             )
+        n = 1 if n is None else n
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+            raise InvalidRequest(f"n must be an integer in [1, {MAX_CHOICES}], got {n!r}")
         try:
             sampling = SamplingParams(
                 temperature=0.0 if temperature is None else temperature,
                 top_p=1.0 if top_p is None else top_p,
                 seed=seed,
+                presence_penalty=presence_penalty or 0.0,
+                frequency_penalty=frequency_penalty or 0.0,
+                logprobs=logprobs,
             )
             policy = self._policy(exit_overrides or {})
         except ValueError as err:
@@ -97,6 +122,14 @@ class RequestBuilder:
         stream_drafts = bool((exit_overrides or {}).get("stream_drafts"))
         if stream_drafts and not speculative:
             raise InvalidRequest("stream_drafts needs speculative: only speculative requests make drafts")
+        if speculative and sampling.penalized:
+            # A verification would need the history of the drafts it checks; not carried (yet).
+            raise InvalidRequest(
+                "presence_penalty and frequency_penalty are not supported with sedac.speculative; "
+                "drop one of them"
+            )
+        if speculative and logprobs is not None:
+            raise InvalidRequest("logprobs are not supported with sedac.speculative; drop one of them")
         return GenerationRequest(
             prompt_ids,
             max_tokens,
@@ -105,6 +138,7 @@ class RequestBuilder:
             policy,
             speculative,
             stream_drafts,
+            n,
         )
 
     def _encode(self, prompt: str | None, messages: list[dict] | None) -> list[int]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from sedac_ray.policy import RULE_WIDTH
-from sedac_ray.sampling import SamplingParams
+from sedac_ray.sampling import SamplingParams, TokenLogprobs
 
 _BITS_AS_INT16 = {torch.bfloat16}
 
@@ -144,6 +144,7 @@ class PrefillMessage:
 class TokenResult:
     token: int
     exit_layer: int
+    logprobs: TokenLogprobs | None = None  # when the row's sampling params ask for them
 
 
 @dataclass
