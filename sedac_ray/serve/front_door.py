@@ -141,7 +141,8 @@ class FrontDoorServer:
             tokenizer,
             model_name=self.model_name,
             num_layers=self.num_layers,
-            max_context=int(getattr(model_config, "max_position_embeddings", 1 << 30)),
+            # What every stage's KV pool holds per sequence, within the model's context.
+            max_context=self.config.model_len(int(getattr(model_config, "max_position_embeddings", 1 << 30))),
             default_policy=self.config.default_policy(),
             default_max_tokens=self.config.default_max_tokens,
         )

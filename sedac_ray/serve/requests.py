@@ -100,8 +100,9 @@ class RequestBuilder:
             raise InvalidRequest(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
         if len(prompt_ids) + max_tokens > self.max_context:
             raise InvalidRequest(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-                f"context of {self.max_context} tokens; shorten the prompt or lower max_tokens"
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                f"{self.max_context} tokens a sequence may hold here (max_model_len); shorten the prompt "
+                "or lower max_tokens"
             )
         n = 1 if n is None else n
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
