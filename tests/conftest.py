@@ -136,7 +136,7 @@ SERVING_ARGS = {
     "stage_replicas": [1, 2, 1],  # two replicas of Stage1: sticky routing must hold
     "replica_cpus": 0.1,
     "exit": {"tau": 0.99, "k": 3},
-    "max_concurrent_requests": 20,
+    "max_concurrent_requests": 16,
     # 1024 positions of 10 layers take 15 MiB: each stage replica holds 20 sequences, more than
     # the front door admits, so a replay finds room while the old route's KV is freed.
     "max_model_len": 1024,
