@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, fields
 
-from sedac_ray.calibration.store import default_policy as calibrated_policy
-from sedac_ray.calibration.store import model_name_for_spec
-from sedac_ray.model.loading import DEFAULT_MODEL
+from sedac_ray.exit.store import default_policy as calibrated_policy
+from sedac_ray.exit.store import model_name_for_spec
+from sedac_ray.model.loading import DEFAULT_MODEL, resolve_dtype
 from sedac_ray.policy import DEFAULT_POLICY, ExitPolicy
 
 
@@ -84,7 +84,9 @@ class PipelineConfig:
             raise ValueError(f"unknown exit settings {unknown}; allowed: {sorted(allowed)}")
         if self.exit:
             return DEFAULT_POLICY.with_overrides(**self.exit)
-        # No `exit:` in the app: the model's calibration file (`sedac calibrate`) decides, if it has one.
-        policy, source = calibrated_policy(model_name_for_spec(self.model))
+        # No `exit:` in the app: the calibration file for the model in the dtype it will load in
+        # (`sedac calibrate`) decides; without one, no exit.
+        dtype = resolve_dtype(self.dtype, self.device)
+        policy, source = calibrated_policy(model_name_for_spec(self.model), dtype=dtype)
         logging.getLogger("ray.serve").info(f"default exit policy {policy.describe()}, from {source}")
         return policy
