@@ -6,6 +6,7 @@ import asyncio
 
 import torch
 
+from sedac_ray.exit_adapters import exit_logits
 from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.model.loading import load_model
 from sedac_ray.sampling import choose_tokens
@@ -47,4 +48,7 @@ class HeadServer:
     def _choose(self, rows: Rows) -> list[int]:
         with torch.inference_mode():
             hidden = unpack_hidden(rows.hidden, rows.hidden_dtype, self.adapter.device)
-            return choose_tokens(self.adapter.logits(hidden), rows.sampling, rows.positions.tolist())
+            # The one exit read-out the engine and calibration use (exit adapters when the head has them).
+            layers = torch.from_numpy(rows.exit_layer)
+            logits = exit_logits(self.adapter, hidden, layers, getattr(self, "exit_adapters", None))
+            return choose_tokens(logits, rows.sampling, rows.positions.tolist())
