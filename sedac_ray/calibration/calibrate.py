@@ -81,18 +81,25 @@ class TargetUnreachable(ValueError):
 
 
 def choose(
-    table: SweepTable, target: float, check, family: str = V7, max_checks: int | None = None
+    table: SweepTable,
+    target: float,
+    check,
+    family: str = V7,
+    max_checks: int | None = None,
+    margin: float = 0.0,
 ) -> Choice:
-    """Bisect ``family``'s offline Pareto front (rows with offline agreement >= ``target``, most
-    layers saved first) with ``check(row) -> TeacherForcedResult``; return the checked row that
-    saves the most layers with runtime agreement >= ``target``. ``max_checks`` bounds the runtime
-    checks (each is a generation run): the bisection then stops early at the best passing row."""
-    front = [r for r in table.pareto(family) if r.agreement + 1e-12 >= target]
+    """Search ``family``'s offline Pareto front (rows with offline agreement >= ``target +
+    margin``, most layers saved first) with ``check(row) -> TeacherForcedResult``; return the
+    checked row that saves the most layers with runtime agreement >= ``target``. The most
+    aggressive row is checked first (if it passes, no row can beat it), then the most
+    conservative, then a bisection between them. ``max_checks`` bounds the runtime checks (each is
+    a generation run): the search then stops at the best passing row so far."""
+    front = [r for r in table.pareto(family) if r.agreement + 1e-12 >= target + margin]
     front.sort(key=lambda r: (-r.layers_saved, r.agreement))
     if not front:
         best = max(r.agreement for r in table.family(family))
         raise TargetUnreachable(
-            f"no swept {family} setting reaches agreement {target:g} offline (best {best:.4f})"
+            f"no swept {family} setting reaches agreement {target + margin:g} offline (best {best:.4f})"
         )
     checked: dict[int, Checked] = {}
 
@@ -101,19 +108,25 @@ def choose(
             checked[i] = Checked(front[i], check(front[i]))
         return checked[i].runtime.agreement + 1e-12 >= target
 
+    def budget_left() -> bool:
+        return max_checks is None or len(checked) < max_checks
+
     low, high = 0, len(front) - 1
-    if not passes(high):
-        raise TargetUnreachable(
-            f"even the most conservative {family} setting on the front ({front[high].setting}) reaches "
-            f"only {checked[high].runtime.agreement:.4f} agreement in the runtime"
-        )
-    while low < high and (max_checks is None or len(checked) < max_checks):
-        # the first front index that passes, assuming agreement falls with savings
-        middle = (low + high) // 2
-        if passes(middle):
-            high = middle
-        else:
-            low = middle + 1
+    if not passes(low):
+        if not budget_left() or not passes(high):
+            last = checked[max(checked)]
+            raise TargetUnreachable(
+                f"the {family} settings checked ({[c.row.setting for c in checked.values()]}) reach only "
+                f"{last.runtime.agreement:.4f} agreement in the runtime"
+            )
+        low += 1
+        while low < high and budget_left():
+            # the first front index that passes, assuming agreement falls with savings
+            middle = (low + high) // 2
+            if passes(middle):
+                high = middle
+            else:
+                low = middle + 1
     passing = [c for c in checked.values() if c.runtime.agreement + 1e-12 >= target]
     best = max(passing, key=lambda c: (c.runtime.layers_saved, c.runtime.agreement))
     return Choice(table=table, checked=list(checked.values()), best=best)
@@ -133,6 +146,7 @@ def calibrate(
     cache: bool = True,
     fit_probes: bool = False,
     max_checks: int | None = 4,
+    margin: float = 0.0,
 ) -> CalibrationRun:
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target agreement must be in (0, 1], got {target}")
@@ -177,7 +191,7 @@ def calibrate(
         ):
             continue  # a family that does not beat V7 offline is not worth its runtime checks
         try:
-            choices.append(choose(table, target, runtime, family, max_checks))
+            choices.append(choose(table, target, runtime, family, max_checks, margin))
         except TargetUnreachable as err:
             failures.append(str(err))
     choice = max(choices, key=lambda c: (c.best.runtime.layers_saved, c.best.runtime.agreement), default=None)
@@ -187,7 +201,11 @@ def calibrate(
         adapter_table = sweep(traces, settings, readout=readout, progress=progress)
         try:
             adapter_choice = choose(
-                adapter_table, target, lambda row: runtime(row, fold_adapters), max_checks=max_checks
+                adapter_table,
+                target,
+                lambda row: runtime(row, fold_adapters),
+                max_checks=max_checks,
+                margin=margin,
             )
         except TargetUnreachable as err:
             failures.append(f"with exit adapters: {err}")

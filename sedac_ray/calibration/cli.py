@@ -33,6 +33,12 @@ def add_calibration_parsers(commands, add_model_args) -> None:
     calibrate.add_argument(
         "--max-checks", type=int, default=4, help="runtime (free-running) checks per policy family; default 4"
     )
+    calibrate.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="only settings whose offline agreement beats the target by this much are checked (default 0)",
+    )
     calibrate.add_argument("--no-trace-cache", action="store_true", help=TRACE_CACHE_HELP)
     calibrate.add_argument(
         "--output",
@@ -77,6 +83,7 @@ def cmd_calibrate(args) -> int:
         cache=not args.no_trace_cache,
         fit_probes=args.probes,
         max_checks=args.max_checks,
+        margin=args.margin,
     )
     path = write(run, args.output)
     calibration = run.calibration

@@ -120,7 +120,7 @@ def free_running(
     max_new_tokens: int,
     exit_adapters: ExitAdapters | None = None,
     probes=None,
-    batch_size: int = 8,
+    batch_size: int = 16,
     progress: bool = True,
 ) -> TeacherForcedResult:
     """Greedy generation with ``policy`` by the engine; each decode token (not the prefill's) is
