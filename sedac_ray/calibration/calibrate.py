@@ -77,7 +77,9 @@ class CalibrationRun:
 
 
 class TargetUnreachable(ValueError):
-    pass
+    def __init__(self, message: str, checked: list[Checked] | None = None):
+        super().__init__(message)
+        self.checked = checked or []  # runtime checks made before giving up, for the record
 
 
 def choose(
@@ -117,7 +119,8 @@ def choose(
             last = checked[max(checked)]
             raise TargetUnreachable(
                 f"the {family} settings checked ({[c.row.setting for c in checked.values()]}) reach only "
-                f"{last.runtime.agreement:.4f} agreement in the runtime"
+                f"{last.runtime.agreement:.4f} agreement in the runtime",
+                list(checked.values()),
             )
         low += 1
         while low < high and budget_left():
@@ -179,7 +182,7 @@ def calibrate(
             progress,
         )
 
-    choices, failures = [], []
+    choices, failures, failed_checks = [], [], []
     offline_best = {family: table.best_at(family, target) for family, table in tables.items()}
     for family, table in tables.items():
         best, v7_best = offline_best[family], offline_best[V7]
@@ -194,6 +197,7 @@ def calibrate(
             choices.append(choose(table, target, runtime, family, max_checks, margin))
         except TargetUnreachable as err:
             failures.append(str(err))
+            failed_checks += err.checked
     choice = max(choices, key=lambda c: (c.best.runtime.layers_saved, c.best.runtime.agreement), default=None)
     adapters = adapter_choice = adapter_entry = None
     if fit_adapters:
@@ -245,7 +249,7 @@ def calibrate(
             "min_layers": sorted({p.min_layer or 1 for p in settings.v7}),
             "families": sorted(tables),
         },
-        "checked": [c.to_dict() for ch in choices for c in ch.checked],
+        "checked": [c.to_dict() for c in [*failed_checks, *(c for ch in choices for c in ch.checked)]],
         "unreachable": failures,
     }
     policy = choice.policy if choice else ExitPolicy.disabled()
