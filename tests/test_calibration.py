@@ -22,7 +22,7 @@ from sedac_ray.calibration.policies import (
 )
 from sedac_ray.calibration.prompts import load_prompts
 from sedac_ray.calibration.sweep import CALM, ORACLE, V6, V7, WINDOW, SweepGrid, build_settings, sweep
-from sedac_ray.calibration.traces import Readout, Traces, record_traces
+from sedac_ray.calibration.traces import Readout, Traces, encode_prompts, record_traces
 from sedac_ray.calibration.validate import TeacherForcedResult, free_running
 from sedac_ray.cli import main
 from sedac_ray.exit.store import (
@@ -315,3 +315,20 @@ def test_cli_calibrate_then_generate_uses_the_file(prompt_files, tmp_path, monke
     printed = capsys.readouterr()
     assert f"calibration file {output}" in printed.err
     assert json.loads(printed.out)["policy"] == policy.describe()
+
+
+def test_the_default_policy_holds_its_claimed_agreement_free_running_on_held_out_prompts(smollm2):
+    """Runs code, not committed figures: the engine's default (the packaged calibration for this
+    model and dtype, if any) generates on the held-out prompts, judged against HF's forward."""
+    engine = Engine(smollm2)
+    prompts = encode_prompts(engine, load_prompts("heldout"))
+    result = free_running(smollm2, prompts, engine.policy, 40, progress=False)
+    assert result.tokens > 1000
+    if engine.policy.enabled:
+        calibration = load_calibration(engine.policy_source.split("calibration file ")[1].split(" ")[0])
+        assert result.agreement >= calibration.target_agreement
+        assert result.layers_saved == pytest.approx(
+            calibration.details["validation"]["engine_free_running"]["layers_saved"], abs=1e-9
+        )
+    else:
+        assert result.agreement == 1.0
