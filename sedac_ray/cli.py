@@ -47,10 +47,10 @@ def _policy(args, base):
 def _calibrated(args, loaded):
     """The base policy (calibrated when the model has a file), where it comes from, and the exit
     adapters to apply (``--adapters``)."""
-    from sedac_ray.calibration.store import calibrated_default
+    from sedac_ray.exit.store import calibrated_default
     from sedac_ray.policy import DEFAULT_POLICY
 
-    calibration, source = calibrated_default(loaded.name, loaded.num_layers)
+    calibration, source = calibrated_default(loaded.name, loaded.num_layers, loaded.model.dtype)
     if not args.adapters:
         return (calibration.policy if calibration else DEFAULT_POLICY), source, None
     if calibration is None or calibration.adapters_path is None:

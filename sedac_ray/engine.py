@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sedac_ray.calibration.store import default_policy
 from sedac_ray.completion import Completion, eos_token_ids
+from sedac_ray.exit.probes import ExitProbes
+from sedac_ray.exit.store import calibrated_default
 from sedac_ray.exit_adapters import ExitAdapters, exit_logits
 from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.model.loading import LoadedModel
@@ -49,8 +50,8 @@ class GenerationResult:
 class Engine:
     """``Engine(model, policy=None, adapters=None)``: ``model`` is a :class:`LoadedModel` from
     :func:`load_model`. Without a policy it uses the model's calibrated policy when a calibration
-    file exists (``sedac calibrate``; :mod:`sedac_ray.calibration.store`), else
-    :data:`~sedac_ray.policy.DEFAULT_POLICY` (tau=0.99, K=3); ``policy_source`` says which. Pass
+    file for its name, depth and dtype exists (``sedac calibrate``; :mod:`sedac_ray.exit.store`),
+    else no exit (:data:`~sedac_ray.policy.DEFAULT_POLICY`); ``policy_source`` says which. Pass
     ``ExitPolicy.disabled()`` for plain full-depth decoding. ``adapters`` (an :class:`ExitAdapters`
     or its file) maps the hidden state of every token that exits before layer L before the head.
 
@@ -65,6 +66,7 @@ class Engine:
         speculative: bool = False,
         draft_limit: int = DEFAULT_DRAFT_LIMIT,
         adapters: ExitAdapters | str | os.PathLike | None = None,
+        probes: ExitProbes | str | os.PathLike | None = None,
     ):
         self.speculative = bool(speculative)
         self.draft_limit = check_draft_limit(draft_limit)
@@ -72,11 +74,22 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.adapter = ModelAdapter(model.model)
         self.num_layers = self.adapter.num_layers
+        calibration, source = calibrated_default(model.name, self.num_layers, self.adapter.dtype)
         if policy is None:
-            policy, self.policy_source = default_policy(model.name, self.num_layers)
+            policy = calibration.policy if calibration is not None else ExitPolicy.disabled()
+            self.policy_source = source
         else:
             self.policy_source = "given"
         self.policy = policy.validate_for(self.num_layers)
+        if probes is None and calibration is not None and calibration.probes_path is not None:
+            probes = calibration.probes_path  # the model's own probes serve any probe policy
+        if probes is not None and not isinstance(probes, ExitProbes):
+            probes = ExitProbes.load(probes)
+        self.probes = probes
+        if self.policy.uses_probe and probes is None:
+            raise ValueError(
+                f"policy {self.policy.describe()} needs exit probes: pass probes= or calibrate with probes"
+            )
         if adapters is not None and not isinstance(adapters, ExitAdapters):
             adapters = ExitAdapters.load(adapters)
         if adapters is not None and adapters.num_layers != self.num_layers:
@@ -166,7 +179,7 @@ class Engine:
         adapter = self.adapter
         device = adapter.device
         batch = len(prompt_ids)
-        layers = LayerRange(adapter, 0, self.num_layers)
+        layers = LayerRange(adapter, 0, self.num_layers, probes=self.probes)
         slots = torch.tensor(layers.cache.allocate(batch))
         eos_ids = set() if ignore_eos else self.eos_ids
         completions = [Completion(self.tokenizer, max_new_tokens, eos_ids, stop) for _ in prompt_ids]

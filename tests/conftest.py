@@ -152,6 +152,7 @@ SERVING_ARGS = {
 class Served:
     local: LocalPipeline
     grpc: SedacClient
+    args: dict  # the app's args, as deployed
 
     @property
     def http(self) -> str:
@@ -159,11 +160,31 @@ class Served:
 
 
 @pytest.fixture(scope="session")
-def pipeline(smollm2) -> Served:
+def exit_adapters_file(tmp_path_factory) -> str:
+    """Exit adapters for SmolLM2's layers 5..15 (random small low-rank maps: what matters is that
+    the served read-out applies exactly what the engine applies), none for deeper layers."""
+    from sedac_ray.exit_adapters import ExitAdapters
+
+    generator = torch.Generator().manual_seed(0)
+    maps = {
+        layer: (
+            torch.randn(576, 4, generator=generator) * 0.05,
+            torch.randn(4, 576, generator=generator) * 0.05,
+            torch.zeros(576),
+        )
+        for layer in range(5, 16)
+    }
+    path = tmp_path_factory.mktemp("adapters") / "smollm2-135m.adapters.safetensors"
+    return str(ExitAdapters(maps, num_layers=30).save(path))
+
+
+@pytest.fixture(scope="session")
+def pipeline(smollm2, exit_adapters_file) -> Served:
     """Three stages over 30 layers (1..10, 11..20, 21..30) on a real local Ray with 2 CPUs."""
-    local = LocalPipeline.start(SERVING_ARGS, env={"SEDAC_TEST_API_KEY": TEST_API_KEY})
+    args = {**SERVING_ARGS, "exit_adapters": exit_adapters_file}
+    local = LocalPipeline.start(args, env={"SEDAC_TEST_API_KEY": TEST_API_KEY})
     client = SedacClient(local.grpc_target, api_key=TEST_API_KEY, timeout_s=120)
-    yield Served(local, client)
+    yield Served(local, client, args)
     client.close()
     local.stop()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sedac_ray import Engine, ExitPolicy
-from sedac_ray.calibration.calibrate import Checked, calibrate, choose, write
+from sedac_ray.calibration.calibrate import Checked, calibrate, choose, validate, write
 from sedac_ray.calibration.policies import (
     checkpoint_exits,
     confidence_exits,
@@ -21,19 +21,21 @@ from sedac_ray.calibration.policies import (
     v6_checkpoints,
 )
 from sedac_ray.calibration.prompts import load_prompts
-from sedac_ray.calibration.store import (
+from sedac_ray.calibration.sweep import CALM, ORACLE, V6, V7, WINDOW, SweepGrid, build_settings, sweep
+from sedac_ray.calibration.traces import Readout, Traces, encode_prompts, record_traces
+from sedac_ray.calibration.validate import TeacherForcedResult, free_running
+from sedac_ray.cli import main
+from sedac_ray.exit.store import (
     BUILTIN_SOURCE,
+    Calibration,
+    calibration_file_name,
     default_policy,
     load_calibration,
     model_name_for_spec,
-    packaged_calibration_dir,
 )
-from sedac_ray.calibration.sweep import CALM, ORACLE, V6, V7, WINDOW, SweepGrid, build_settings, sweep
-from sedac_ray.calibration.traces import Readout, Traces, record_traces
-from sedac_ray.calibration.validate import TeacherForcedResult
-from sedac_ray.cli import main
 from sedac_ray.policy import DEFAULT_POLICY
 from sedac_ray.serve.config import PipelineConfig
+from tests.conftest import tiny_model
 
 SMALL_GRID = SweepGrid(
     taus=[0.9, 0.95, 0.97, 0.98, 0.99],
@@ -195,55 +197,103 @@ def test_calibrate_end_to_end_writes_a_file_the_engine_and_server_use(
         validate_on=prompt_files["heldout"],
         traces=small_traces,
         progress=False,
+        max_checks=2,
+        min_layers_saved=0.0,  # the mechanics, not whether the savings pay (tested below)
     )
-    path = write(run, tmp_path / "smollm2-135m.json")
+    path = write(run, tmp_path / calibration_file_name("smollm2-135m", torch.float32))
     loaded = load_calibration(path)
-    assert loaded.policy == run.choice.policy and loaded.target_agreement == 0.9
-    assert loaded.agreement >= 0.9 and loaded.agreement == run.choice.best.runtime.agreement
-    assert loaded.details["validation"]["engine_teacher_forced"]["tokens"] > 0
+    assert loaded.dtype == "float32" and loaded.target_agreement == 0.9
     assert loaded.details["checked"]  # the runtime checks are on record
+    held = loaded.details["validation"]["engine_free_running"]
+    if loaded.policy.enabled:  # shipped only if it held the target free-running, on both prompt sets
+        assert loaded.policy == run.choice.policy and loaded.agreement >= 0.9 and held["agreement"] >= 0.9
+    else:
+        assert held["agreement"] < 0.9 and "free-running" in loaded.reason
 
     monkeypatch.setenv("SEDAC_CALIBRATION_DIR", str(tmp_path))
     engine = Engine(smollm2)
     assert engine.policy == loaded.policy and str(path) in engine.policy_source
     assert Engine(smollm2, ExitPolicy(0.97, k=3)).policy == ExitPolicy(0.97, k=3)
     assert PipelineConfig.from_args({}).default_policy() == loaded.policy
-    assert PipelineConfig.from_args({"exit": {"tau": 0.99, "k": 3}}).default_policy() == DEFAULT_POLICY
+    assert PipelineConfig.from_args({"exit": {"tau": 0.99, "k": 3}}).default_policy() == ExitPolicy(0.99, k=3)
+    # keyed by dtype: the float32 file does not apply to bfloat16
+    assert PipelineConfig.from_args({"dtype": "bfloat16"}).default_policy() == DEFAULT_POLICY
 
 
-def test_models_without_a_calibration_file_keep_the_builtin_default(tmp_path, monkeypatch):
-    monkeypatch.setenv("SEDAC_CALIBRATION_DIR", str(tmp_path))
-    assert default_policy("no-such-model", 30) == (DEFAULT_POLICY, BUILTIN_SOURCE)
-    (tmp_path / "other.json").write_text(
+def write_calibration(folder, name: str, dtype: str, num_layers: int, policy: dict, **extra) -> None:
+    (folder / calibration_file_name(name, dtype)).write_text(
         json.dumps(
             {
-                "model": "other",
-                "num_layers": 12,
+                "model": name,
+                "num_layers": num_layers,
+                "dtype": dtype,
                 "target_agreement": 0.95,
-                "policy": {"tau": 0.9, "k": 2},
+                "policy": policy,
                 "agreement": 0.95,
                 "layers_saved": 0.1,
+                **extra,
             }
         )
     )
-    assert default_policy("other", 30)[0] == DEFAULT_POLICY  # calibrated for another depth: ignored
-    assert default_policy("other", 12)[0] == ExitPolicy(0.9, k=2)
+
+
+def test_models_without_a_calibration_file_for_their_dtype_do_not_exit(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SEDAC_CALIBRATION_DIR", str(tmp_path))
+    assert not DEFAULT_POLICY.enabled
+    assert default_policy("no-such-model", 30, "float32") == (DEFAULT_POLICY, BUILTIN_SOURCE)
+    write_calibration(tmp_path, "other", "float32", 12, {"tau": 0.9, "k": 2})
+    assert default_policy("other", 30, "float32")[0] == DEFAULT_POLICY  # another depth: ignored
+    assert default_policy("other", 12, torch.float32)[0] == ExitPolicy(0.9, k=2)
+    with caplog.at_level("WARNING", logger="sedac_ray.calibration"):
+        assert default_policy("other", 12, torch.bfloat16)[0] == DEFAULT_POLICY  # another dtype: ignored
+    assert "other.float32.json" in caplog.text and "bfloat16" in caplog.text
+    assert default_policy("other", 12)[0] == DEFAULT_POLICY  # dtype unknown: no file applies
+    write_calibration(tmp_path, "refused", "float32", 12, {"disabled": True}, reason="missed 0.95")
+    policy, source = default_policy("refused", 12, "float32")
+    assert not policy.enabled and "missed 0.95" in source
     assert model_name_for_spec("smollm2-135m") == "smollm2-135m"
     assert model_name_for_spec(str(tmp_path)) == tmp_path.name
 
 
-def test_the_shipped_calibration_meets_its_target_on_held_out_prompts(smollm2):
-    calibration = load_calibration(packaged_calibration_dir() / "smollm2-135m.json")
-    assert calibration.model == smollm2.name and calibration.num_layers == 30
-    calibration.policy.validate_for(30)
-    assert calibration.agreement >= calibration.target_agreement
-    held = calibration.details["validation"]["engine_teacher_forced"]
-    assert calibration.details["validation"]["prompts"] == "heldout" and held["tokens"] > 1000
-    assert abs(held["agreement"] - calibration.target_agreement) <= 0.02
+def test_free_running_check_agrees_with_itself_at_full_depth_and_not_when_exits_damage(smollm2):
+    prompts = [smollm2.tokenizer("The three primary colors are")["input_ids"]]
+    full = free_running(smollm2, prompts, ExitPolicy.disabled(), 12, progress=False)
+    assert full.tokens == 11 and full.agreement == 1.0 and full.layers_saved == 0.0
+    # The uncalibrated rule the configs used to ship: it exits, and the text it writes is wrong.
+    damaged = free_running(smollm2, prompts, ExitPolicy(0.99, k=3), 12, progress=False)
+    assert damaged.layers_saved > 0 and damaged.agreement < 0.95
+
+
+def test_calibration_refuses_to_ship_a_policy_that_misses_its_target_on_held_out_prompts(
+    smollm2, prompt_files
+):
+    def candidate(policy: ExitPolicy) -> Calibration:
+        return Calibration("smollm2-135m", 30, policy, 0.95, agreement=0.96, layers_saved=0.2)
+
+    aggressive = candidate(ExitPolicy(0.95, k=2))
+    result = validate(smollm2, aggressive, None, None, prompt_files["heldout"], 10, progress=False)
+    assert result["engine_free_running"]["agreement"] < 0.95
+    assert not aggressive.policy.enabled and aggressive.layers_saved == 0.0
+    assert "0.95" in aggressive.reason and "free-running" in aggressive.reason
+    # a policy that holds its target is kept (min_layer 29: it can only exit one layer early)
+    careful = candidate(ExitPolicy(0.999, k=6, min_layer=29))
+    result = validate(smollm2, careful, None, None, prompt_files["heldout"], 10, progress=False)
+    assert result["engine_free_running"]["agreement"] >= 0.95 and careful.policy.enabled
+
+
+def test_calibration_without_a_reachable_target_ships_no_exit(smollm2, prompt_files, tmp_path):
+    loaded = tiny_model("llama", smollm2.tokenizer)  # random weights: intermediate read-outs are noise
+    grid = SweepGrid(taus=[0.5, 0.6], ks=[1], min_layers=[2])
+    run = calibrate(
+        loaded, 1.0, prompt_files["calibration"], 6, grid, validate_on=None, progress=False, cache=False
+    )
+    assert run.choice is None and not run.calibration.policy.enabled
+    assert "no setting holds agreement 1" in run.calibration.reason
+    assert not load_calibration(write(run, tmp_path / "t.float32.json")).policy.enabled
 
 
 def test_cli_calibrate_then_generate_uses_the_file(prompt_files, tmp_path, monkeypatch, capsys):
-    output = tmp_path / "smollm2-135m.json"
+    output = tmp_path / "smollm2-135m.float32.json"
     flags = [
         "--validate-on",
         "none",
@@ -261,3 +311,40 @@ def test_cli_calibrate_then_generate_uses_the_file(prompt_files, tmp_path, monke
     printed = capsys.readouterr()
     assert f"calibration file {output}" in printed.err
     assert json.loads(printed.out)["policy"] == policy.describe()
+
+
+def test_the_default_policy_holds_its_claimed_agreement_free_running_on_held_out_prompts(smollm2):
+    """Runs code, not committed figures: the engine's default (the packaged calibration for this
+    model and dtype, if any) generates on the held-out prompts, judged against HF's forward."""
+    engine = Engine(smollm2)
+    prompts = encode_prompts(engine, load_prompts("heldout"))
+    result = free_running(smollm2, prompts, engine.policy, 40, progress=False)
+    assert result.tokens > 1000
+    if engine.policy.enabled:
+        calibration = load_calibration(engine.policy_source.split("calibration file ")[1].split(" ")[0])
+        assert result.agreement >= calibration.target_agreement
+        assert result.layers_saved == pytest.approx(
+            calibration.details["validation"]["engine_free_running"]["layers_saved"], abs=1e-9
+        )
+    else:
+        assert result.agreement == 1.0
+
+
+def test_a_pick_that_saves_too_little_ships_no_exit(smollm2, prompt_files, tmp_path):
+    """A setting holds the target, but saves less than min_layers_saved: no exit, and why."""
+    loaded = tiny_model("llama", smollm2.tokenizer)
+    grid = SweepGrid(taus=[0.999999], ks=[3], min_layers=[2])  # holds any target: it almost never exits
+    run = calibrate(
+        loaded,
+        0.5,
+        prompt_files["calibration"],
+        6,
+        grid,
+        validate_on=None,
+        progress=False,
+        cache=False,
+        min_layers_saved=1.0,
+    )
+    calibration = load_calibration(write(run, tmp_path / "t.float32.json"))
+    assert not calibration.policy.enabled and "saves" in calibration.reason
+    assert calibration.details["best_candidate"]["layers_saved"] < 1.0

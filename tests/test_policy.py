@@ -83,7 +83,61 @@ def test_min_layer_checked_against_depth():
 
 
 def test_overrides_and_default():
-    assert DEFAULT_POLICY.tau == 0.99 and DEFAULT_POLICY.k == 3
-    assert not DEFAULT_POLICY.with_overrides(disable=True).enabled
+    # Uncalibrated, nothing exits: an uncalibrated rule damaged text on the default model.
+    assert not DEFAULT_POLICY.enabled
+    assert DEFAULT_POLICY.exit_layers(torch.ones(3, 8)).tolist() == [8, 8, 8]
+    assert not ExitPolicy(0.9).with_overrides(disable=True).enabled
     assert DEFAULT_POLICY.with_overrides(tau=0.95) == ExitPolicy(0.95, k=3)
-    assert ExitPolicy.disabled().with_overrides(k=2) == ExitPolicy(0.99, k=2)
+    assert DEFAULT_POLICY.with_overrides() == DEFAULT_POLICY
+    with pytest.raises(ValueError, match="set tau"):
+        DEFAULT_POLICY.with_overrides(k=2)
+    assert ExitPolicy(0.97, k=4).with_overrides(k=2) == ExitPolicy(0.97, k=2)
+    assert DEFAULT_POLICY.with_overrides(probe=0.9) == ExitPolicy(tau=None, probe=0.9)
+
+
+def reference_exit(policy: ExitPolicy, stabilities: list[float], scores: list[float]) -> int:
+    """The documented rule, written out independently: patience on s_l > tau (every layer counts
+    as stable without tau), AND score >= probe where a probe is set, from min_layer on."""
+    num_layers, count = len(stabilities), 0
+    for layer in range(2, num_layers):
+        stable = policy.tau is None or stabilities[layer - 1] > policy.tau
+        count = count + 1 if stable else 0
+        probe_ok = policy.probe is None or scores[layer - 1] >= policy.probe
+        if count >= (1 if policy.tau is None else policy.k) and layer >= (policy.min_layer or 1) and probe_ok:
+            return layer
+    return num_layers
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        ExitPolicy(tau=None, probe=0.7),
+        ExitPolicy(tau=None, probe=0.5, min_layer=5),
+        ExitPolicy(0.85, k=2, probe=0.6),
+        ExitPolicy(0.85, k=2),
+    ],
+)
+def test_probe_gate_matches_the_rule_written_out(policy):
+    generator = torch.Generator().manual_seed(1)
+    stabilities = torch.rand(40, 10, generator=generator) * 0.2 + 0.8
+    scores = torch.rand(40, 10, generator=generator)
+    layers = policy.exit_layers(stabilities, scores)
+    # The last layer never "exits" early: rows run to 10 there (the runtime's rule too).
+    expected = [
+        reference_exit(policy, s.tolist(), p.tolist()) for s, p in zip(stabilities, scores, strict=True)
+    ]
+    assert layers.tolist() == expected
+    assert 2 < sum(x < 10 for x in expected) < 40  # the case is not trivial
+
+
+def test_probe_rules_need_scores_and_a_disabled_row_ignores_its_probe():
+    rules = torch.cat([ExitPolicy(tau=None, probe=0.5).rules(1), ExitPolicy.disabled().rules(1)])
+    with pytest.raises(ValueError, match="probe"):
+        decide(2, torch.ones(2), torch.zeros(2, dtype=torch.long), rules)
+    rules[0, 0] = math.inf  # how a stage switches a row off: column 0 alone
+    _, exits = decide(2, torch.ones(2), torch.zeros(2, dtype=torch.long), rules, torch.ones(2))
+    assert not exits.any()
+    with pytest.raises(ValueError, match="probe must"):
+        ExitPolicy(tau=None, probe=1.0)
+    with pytest.raises(ValueError, match="tau may be None only"):
+        ExitPolicy(tau=None)

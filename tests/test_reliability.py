@@ -24,7 +24,7 @@ from sedac_ray.sampling import SamplingParams
 from sedac_ray.serve.generated import sedac_pb2
 from sedac_ray.serve.routing import pin
 from sedac_ray.serve.transport import PrefillMessage
-from tests.conftest import SERVING_ARGS, TEST_API_KEY, chat, chat_prompt_ids, hf_greedy, post
+from tests.conftest import TEST_API_KEY, chat, chat_prompt_ids, hf_greedy, post
 
 pytestmark = pytest.mark.slow
 LONG_PROMPT = "Count from 1 to 200, one number per line."
@@ -417,7 +417,7 @@ def test_streams_survive_a_stage_scaled_down_mid_answer(pipeline, smollm2):
     removed replica's sequences are replayed on the other, and every stream ends normally."""
 
     def scale(replicas: int) -> None:
-        pipeline.local.deploy(SERVING_ARGS, replicas={"Stage1": replicas})
+        pipeline.local.deploy(pipeline.args, replicas={"Stage1": replicas})
 
     try:
         streams_survive(pipeline, smollm2, lambda: threading.Thread(target=scale, args=(1,)).start())

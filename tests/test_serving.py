@@ -32,7 +32,9 @@ def test_http_without_exits_equals_hf_generate(pipeline, smollm2):
 
 
 def test_pipeline_with_exits_equals_engine(pipeline, smollm2):
-    engine = Engine(smollm2)
+    """Exits on, with exit adapters at layers 5..15 in both: the stages and the LM head read out
+    exited tokens exactly as the engine does."""
+    engine = Engine(smollm2, adapters=pipeline.args["exit_adapters"])
     exit_stages = set()
     for tau, k in [(0.97, 3), (0.96, 2)]:
         for prompt in CHAT_PROMPTS:

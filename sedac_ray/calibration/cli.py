@@ -27,6 +27,24 @@ def add_calibration_parsers(commands, add_model_args) -> None:
     )
     calibrate.add_argument("--max-new-tokens", type=int, default=40, help="continuation length per prompt")
     calibrate.add_argument("--adapters", action="store_true", help="also fit exit adapters (a second file)")
+    calibrate.add_argument(
+        "--probes", action="store_true", help="also fit exit probes and sweep the probe and V7+probe families"
+    )
+    calibrate.add_argument(
+        "--max-checks", type=int, default=4, help="runtime (free-running) checks per policy family; default 4"
+    )
+    calibrate.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="only settings whose offline agreement beats the target by this much are checked (default 0)",
+    )
+    calibrate.add_argument(
+        "--min-layers-saved",
+        type=float,
+        default=0.05,
+        help="a pick saving fewer layers than this fraction ships 'no exit' (default 0.05)",
+    )
     calibrate.add_argument("--no-trace-cache", action="store_true", help=TRACE_CACHE_HELP)
     calibrate.add_argument(
         "--output",
@@ -69,23 +87,30 @@ def cmd_calibrate(args) -> int:
         fit_adapters=args.adapters,
         validate_on=validate_on,
         cache=not args.no_trace_cache,
+        fit_probes=args.probes,
+        max_checks=args.max_checks,
+        margin=args.margin,
+        min_layers_saved=args.min_layers_saved,
     )
     path = write(run, args.output)
     calibration = run.calibration
     print(f"wrote {path}")
-    print(
-        f"policy {calibration.policy.describe()}: agreement {calibration.agreement:.4f} (target "
-        f"{calibration.target_agreement:g}), {calibration.layers_saved:.2%} of layers saved on "
-        f"{args.prompts} (runtime, teacher-forced); offline {run.choice.best.row.agreement:.4f}"
-    )
-    validation = calibration.details.get("validation")
-    if validation:
-        held = validation["engine_teacher_forced"]
+    if calibration.reason:
+        print(f"policy: no exit ({calibration.reason})")
+    else:
         print(
-            f"held-out ({validation['prompts']}, {held['tokens']} tokens): agreement "
-            f"{held['agreement']:.4f}, {held['layers_saved']:.2%} of layers saved"
+            f"policy {calibration.policy.describe()}: agreement {calibration.agreement:.4f} (target "
+            f"{calibration.target_agreement:g}), {calibration.layers_saved:.2%} of layers saved on "
+            f"{args.prompts} (engine, free-running); offline {run.choice.best.row.agreement:.4f}"
         )
-    if calibration.adapters:
+    validation = calibration.details.get("validation") or {}
+    held = validation.get("engine_free_running")
+    if held:
+        print(
+            f"held-out ({validation['prompts']}, {held['tokens']} tokens, {held['policy']}): agreement "
+            f"{held['agreement']:.4f}, {held['layers_saved']:.2%} of layers saved (free-running)"
+        )
+    if calibration.adapters and calibration.adapter_policy.enabled:
         print(
             f"with exit adapters: policy {calibration.adapter_policy.describe()}, agreement "
             f"{calibration.adapters['agreement']:.4f}, {calibration.adapters['layers_saved']:.2%} saved"

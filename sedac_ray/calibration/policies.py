@@ -28,8 +28,11 @@ from .traces import Readout
 _ROWS_PER_CHUNK = 1 << 19  # (setting, token) rows per call of the rule, to bound memory
 
 
-def stability_exits(stabilities: torch.Tensor, policies: list[ExitPolicy]) -> torch.Tensor:
-    """V7 / window exit layers of every token under every policy: ``[len(policies), tokens]``."""
+def stability_exits(
+    stabilities: torch.Tensor, policies: list[ExitPolicy], probe_scores: torch.Tensor | None = None
+) -> torch.Tensor:
+    """V7 / window / probe exit layers of every token under every policy: ``[len(policies), tokens]``
+    (``probe_scores[tokens, L]`` for policies with a probe gate)."""
     tokens = stabilities.shape[0]
     per_chunk = max(1, _ROWS_PER_CHUNK // max(tokens, 1))
     parts = []
@@ -37,7 +40,8 @@ def stability_exits(stabilities: torch.Tensor, policies: list[ExitPolicy]) -> to
         chunk = policies[start : start + per_chunk]
         rules = torch.cat([p.rules(tokens) for p in chunk])  # (setting, token) rows, setting-major
         rows = stabilities.repeat(len(chunk), 1)
-        parts.append(exit_layers(rows, rules).reshape(len(chunk), tokens))
+        scores = None if probe_scores is None else probe_scores.repeat(len(chunk), 1)
+        parts.append(exit_layers(rows, rules, scores).reshape(len(chunk), tokens))
     return torch.cat(parts)
 
 

@@ -247,10 +247,10 @@ class QualityBench:
         return rows
 
     def _calibrated_default_rows(self) -> list[dict]:
-        calibration, source = calibrated_default(self.loaded.name, self.num_layers)
+        calibration, source = calibrated_default(self.loaded.name, self.num_layers, self.loaded.model.dtype)
         self.calibration_file = None if calibration is None else str(calibration.path)
-        if calibration is None:
-            return []
+        if calibration is None or not calibration.policy.enabled or calibration.policy.tau is None:
+            return []  # no exit, or a probe policy: the stability-only columns cannot show it
         row = {
             "family": V7,
             "readout": PLAIN,

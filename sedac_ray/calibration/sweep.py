@@ -256,15 +256,19 @@ def policy_setting(policy: ExitPolicy) -> dict:
     setting = {"tau": policy.tau, "k": policy.k, "min_layer": policy.min_layer or 1}
     if policy.window:
         setting["window"] = policy.window
+    if policy.probe is not None:
+        setting["probe"] = policy.probe
     return setting
 
 
 def policy_from_setting(setting: dict) -> ExitPolicy:
+    tau, probe = setting.get("tau"), setting.get("probe")
     return ExitPolicy(
-        tau=float(setting["tau"]),
-        k=int(setting["k"]),
+        tau=None if tau is None else float(tau),
+        k=int(setting.get("k", 3)),
         min_layer=None if int(setting.get("min_layer") or 1) <= 1 else int(setting["min_layer"]),
         window=setting.get("window"),
+        probe=None if probe is None else float(probe),
     )
 
 

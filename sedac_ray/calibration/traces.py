@@ -86,7 +86,7 @@ def greedy_continuations(
     from sedac_ray.engine import Engine
 
     engine = Engine(loaded, ExitPolicy.disabled())
-    prompt_ids = [engine.encode(as_engine_prompt(item.prompt), item.chat) for item in prompts]
+    prompt_ids = encode_prompts(engine, prompts)
     continuations: list[list[int]] = []
     batches = range(0, len(prompt_ids), batch_size)
     for start in tqdm(batches, desc="full-model continuations", unit="batch", leave=False):
@@ -94,6 +94,11 @@ def greedy_continuations(
         results = engine.generate_ids(batch, max_new_tokens, SamplingParams(), [], ExitPolicy.disabled())
         continuations += [r.token_ids for r in results]
     return prompt_ids, continuations
+
+
+def encode_prompts(engine, prompts: list[PromptItem]) -> list[list[int]]:
+    """Token ids of each prompt as ``engine`` (an :class:`~sedac_ray.engine.Engine`) encodes it."""
+    return [engine.encode(as_engine_prompt(item.prompt), item.chat) for item in prompts]
 
 
 def as_engine_prompt(prompt: str | tuple[dict, ...]) -> str | list[dict]:

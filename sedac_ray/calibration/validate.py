@@ -1,11 +1,18 @@
-"""Check a policy with the real runtime, teacher-forced, on the positions the traces judge.
+"""Check a policy with the real runtime: teacher-forced on the positions the traces judge, or
+free-running (the policy writes its own text, every token judged against the full model on the
+same prefix).
 
 Each prompt is prefilled, then fed the full model's own continuation one token per decode step
 through :class:`LayerRange` (the engine's runtime: token-group separation, state propagation of
 exited tokens' K/V). At every step the exit path's token (its exit layer's logits through
 :func:`exit_logits`, greedy) is compared with the full model's next token. Unlike the offline
 traces, the deeper-layer K/V of earlier tokens that exited come from state propagation here,
-so this is the number to trust; feeding the reference tokens keeps both on the same prefixes.
+feeding the reference tokens keeps both on the same prefixes.
+
+:func:`free_running` is the number a default policy must hold: the engine generates with the
+policy, then one Hugging Face forward pass over ``prompt + generated`` (an independent reference,
+full depth, exact K/V) gives the full model's greedy token after every prefix the policy wrote.
+Errors compound here (a wrong token changes every later prefix), as they do for users.
 """
 
 from __future__ import annotations
@@ -103,6 +110,50 @@ def teacher_forced(
                 matches.append(token == targets[row][step + 1])
                 exit_layers.append(layer)
     return TeacherForcedResult.from_tokens(matches, exit_layers, num_layers)
+
+
+@torch.inference_mode()
+def free_running(
+    loaded,
+    prompt_ids: list[list[int]],
+    policy: ExitPolicy,
+    max_new_tokens: int,
+    exit_adapters: ExitAdapters | None = None,
+    probes=None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> TeacherForcedResult:
+    """Greedy generation with ``policy`` by the engine; each decode token (not the prefill's) is
+    compared with the full model's greedy token on the prefix the policy itself produced."""
+    from sedac_ray.engine import Engine
+    from sedac_ray.sampling import SamplingParams
+
+    engine = Engine(loaded, policy, adapters=exit_adapters, probes=probes)
+    model = loaded.model
+    matches: list[bool] = []
+    exit_layers: list[int] = []
+    starts = range(0, len(prompt_ids), batch_size)
+    for start in tqdm(
+        starts,
+        desc=f"engine, free-running ({policy.describe()})",
+        unit="batch",
+        leave=False,
+        disable=not progress,
+    ):
+        batch = prompt_ids[start : start + batch_size]
+        results = engine.generate_ids(batch, max_new_tokens, SamplingParams(), [], policy)
+        for ids, result in zip(batch, results, strict=True):
+            generated = result.token_ids
+            if len(generated) < 2:
+                continue
+            inputs = torch.tensor([ids + generated[:-1]], device=engine.adapter.device)
+            logits = model(input_ids=inputs, use_cache=False).logits[0, len(ids) :]
+            reference = logits.argmax(
+                dim=-1
+            ).tolist()  # reference[t]: full model's token after generated[:t+1]
+            matches += [a == b for a, b in zip(generated[1:], reference, strict=True)]
+            exit_layers += result.exit_layers[1:]
+    return TeacherForcedResult.from_tokens(matches, exit_layers, engine.num_layers)
 
 
 def teacher_forced_cross_fitted(

@@ -17,8 +17,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from sedac_ray.exit.probes import ExitProbes
 from sedac_ray.model.adapter import ModelAdapter
-from sedac_ray.policy import RULE_WIDTH, decide, stability
+from sedac_ray.policy import RULE_WIDTH, decide, rules_use_probe, stability
 from sedac_ray.runtime.kv_cache import CacheView, SlotKVCache
 
 
@@ -141,15 +142,32 @@ class _CallContext:
 
 
 class LayerRange:
-    """Decoder layers ``start <= index < end`` (0-based) of ``adapter``'s model over ``cache``."""
+    """Decoder layers ``start <= index < end`` (0-based) of ``adapter``'s model over ``cache``.
+    ``probes`` (the model's :class:`ExitProbes`) serve rows whose rule has a probe gate."""
 
-    def __init__(self, adapter: ModelAdapter, start: int, end: int, cache: SlotKVCache | None = None):
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        start: int,
+        end: int,
+        cache: SlotKVCache | None = None,
+        probes: ExitProbes | None = None,
+    ):
         if not 0 <= start < end <= adapter.num_layers:
             raise ValueError(f"layer range [{start}, {end}) is outside 0..{adapter.num_layers}")
+        if probes is not None and (probes.num_layers, probes.hidden_size) != (
+            adapter.num_layers,
+            adapter.hidden_size,
+        ):
+            raise ValueError(
+                f"exit probes are for {probes.num_layers} layers of width {probes.hidden_size}; "
+                f"the model has {adapter.num_layers} of width {adapter.hidden_size}"
+            )
         self.adapter = adapter
         self.start, self.end = start, end
         self.cache = cache if cache is not None else SlotKVCache()
         self.is_last = end == adapter.num_layers
+        self.probes = probes.to(adapter.device) if probes is not None else None
 
     @torch.inference_mode()
     def prefill(self, slots: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -171,6 +189,8 @@ class LayerRange:
         adapter = self.adapter
         rows = replace(rows)  # the policy state is updated in place below; leave the caller's alone
         any_rule = bool((rows.rules[:, 0] <= 1.0).any())  # disabled rules have tau = inf
+        if rules_use_probe(rows.rules) and self.probes is None:
+            raise ValueError("a row's exit policy has a probe gate but this layer range has no exit probes")
         fill = fill if fill is not None and len(fill) else None
         fill_context = self._fill_context(fill)
         context = self._context(rows) if len(rows) else None
@@ -184,8 +204,11 @@ class LayerRange:
             out = context.run(index, hidden)
             layer = index + 1
             if any_rule and 2 <= layer < num_layers:
+                scores = None
+                if self.probes is not None and rules_use_probe(rows.rules):
+                    scores = self.probes.score(layer, out[:, 0], hidden[:, 0])
                 rows.state, exits = decide(
-                    layer, stability(out[:, 0], hidden[:, 0]).cpu(), rows.state, rows.rules
+                    layer, stability(out[:, 0], hidden[:, 0]).cpu(), rows.state, rows.rules, scores
                 )
                 if bool(exits.any()):
                     gone = exits.nonzero()[:, 0]

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sedac_ray.calibration.store import default_policy as calibrated_policy
-from sedac_ray.calibration.store import model_name_for_spec
+from sedac_ray.exit.store import default_policy as calibrated_policy
+from sedac_ray.exit.store import model_name_for_spec
 from sedac_ray.model.loading import DEFAULT_MODEL, resolve_dtype
 from sedac_ray.policy import DEFAULT_POLICY, ExitPolicy
 
@@ -33,6 +33,9 @@ class PipelineConfig(BaseModel):
     batch_wait_timeout_s: float = Field(0.003, ge=0)
     steps_in_flight: int = Field(2, gt=0)  # front-door step batches in the pipeline at once
     step_gather_timeout_s: float = Field(0.05, ge=0)  # longest a front-door step batch waits for members
+    # Exit adapters file (`sedac calibrate` writes one) applied to exited tokens' read-out, as
+    # Engine(adapters=...) does; None: exited tokens go straight to the final norm and head.
+    exit_adapters: str | None = None
     draft_limit: int = Field(4, gt=0)  # speculative requests: unverified tokens ahead of committed ones
     step_timeout_s: float = Field(60.0, gt=0)  # a step that does not come back in time fails the request
     stage_replicas: list[int] | None = None  # fixed replicas per stage (YAML `deployments:` can override)
@@ -133,8 +136,10 @@ class PipelineConfig(BaseModel):
     def default_policy(self) -> ExitPolicy:
         if self.exit:
             return DEFAULT_POLICY.with_overrides(**self.exit)
-        # No `exit:` in the app: the model's calibration file (`sedac calibrate`) decides, if it has one.
-        policy, source = calibrated_policy(model_name_for_spec(self.model))
+        # No `exit:` in the app: the calibration file for the model in the dtype it will load in
+        # (`sedac calibrate`) decides; without one, no exit.
+        dtype = resolve_dtype(self.dtype, self.device)
+        policy, source = calibrated_policy(model_name_for_spec(self.model), dtype=dtype)
         logging.getLogger("ray.serve").info(f"default exit policy {policy.describe()}, from {source}")
         return policy
 

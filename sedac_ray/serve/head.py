@@ -7,6 +7,7 @@ import asyncio
 
 import torch
 
+from sedac_ray.exit_adapters import ExitAdapters, exit_logits
 from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.model.loading import load_model
 from sedac_ray.model.parts import ModelPart
@@ -26,6 +27,7 @@ class HeadServer:
         part = ModelPart(range(0), head=True)
         loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype, part=part)
         self.adapter = checked_adapter(loaded.model)
+        self.exit_adapters = load_exit_adapters(self.config, self.adapter)
         # Exit groups arrive as whole batches from the stages: no waiting for company.
         self.batcher = Batcher(self.sample_batch, self.config.max_batch_size, wait_s=0.0)
 
@@ -35,7 +37,7 @@ class HeadServer:
 
     async def sample_batch(self, messages: list[Rows]) -> list[dict[str, TokenResult]]:
         rows = Rows.concat(messages)
-        chosen = await asyncio.to_thread(read_out, self.adapter, rows)
+        chosen = await asyncio.to_thread(read_out, self.adapter, rows, self.exit_adapters)
         # Split by message, not by sequence: a speculative sequence may have two rows here at once
         # (a draft from one stage and the verification of its previous token from another).
         answers, start = [], 0
@@ -45,12 +47,28 @@ class HeadServer:
         return answers
 
 
-def read_out(adapter: ModelAdapter, rows: Rows) -> list[TokenResult]:
-    """The next token of each row, chosen from ``lm_head(final_norm(hidden))`` (with its
-    log-probabilities when the row's sampling params ask for them)."""
+def load_exit_adapters(config: PipelineConfig, adapter: ModelAdapter) -> ExitAdapters | None:
+    """The exit adapters a serving part applies to exited tokens (``exit_adapters`` in the config)."""
+    if config.exit_adapters is None:
+        return None
+    adapters = ExitAdapters.load(config.exit_adapters)
+    if adapters.num_layers != adapter.num_layers:
+        raise ValueError(
+            f"exit adapters {config.exit_adapters} are for {adapters.num_layers} layers; "
+            f"the model has {adapter.num_layers}"
+        )
+    return adapters.to(adapter.device)
+
+
+def read_out(
+    adapter: ModelAdapter, rows: Rows, exit_adapters: ExitAdapters | None = None
+) -> list[TokenResult]:
+    """The next token of each row, from the one exit read-out the engine and calibration use
+    (``exit_logits``: the row's exit adapter when there are any, final norm, LM head), with its
+    log-probabilities when the row's sampling params ask for them."""
     with torch.inference_mode():
         hidden = unpack_hidden(rows.hidden, rows.hidden_dtype, adapter.device)
-        logits = adapter.logits(hidden)
+        logits = exit_logits(adapter, hidden, torch.from_numpy(rows.exit_layer), exit_adapters)
         tokens = choose_tokens(logits, rows.sampling, rows.positions.tolist())
         logprobs = token_logprobs(logits, tokens, rows.sampling)
     return [

@@ -44,7 +44,7 @@ from sedac_ray.runtime.check import checked_adapter
 from sedac_ray.serve.batcher import Batcher
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.errors import ServeError, as_serve_error
-from sedac_ray.serve.head import read_out
+from sedac_ray.serve.head import load_exit_adapters, read_out
 from sedac_ray.serve.metrics import StageMetrics
 from sedac_ray.serve.routing import pin
 from sedac_ray.serve.stage_core import PrefillChunk, StageCore, StageOutput, VerifiedTokens
@@ -95,6 +95,8 @@ class StageServer:
         )
         self.adapter = adapter
         self.next_stage, self.head = next_stage, head
+        # The last stage reads out the rows that finish here, exits included, like the LM head.
+        self.exit_adapters = load_exit_adapters(self.config, adapter) if next_stage is None else None
         self.rows_computed = 0  # decode rows run here
         self.compute_s = 0.0  # wall time spent in decode compute
         self.compute_lock = asyncio.Lock()  # one batch at a time; the event loop stays free
@@ -169,7 +171,7 @@ class StageServer:
             hidden_dtype=dtype,
             exit_layer=np.array([self.adapter.num_layers]),
         )
-        (first,) = await asyncio.to_thread(read_out, self.adapter, last)
+        (first,) = await asyncio.to_thread(read_out, self.adapter, last)  # full depth: no adapter
         return PrefillResult(route=(self.replica_id,), first=first)
 
     async def _prefill_batch(self, chunks: list[PrefillChunk]) -> list[torch.Tensor]:
@@ -255,7 +257,7 @@ class StageServer:
         out = self.core.compute(rows, fill)
         if self.next_stage is not None:
             return out, None
-        return out, read_out(self.adapter, out.exited) if len(out.exited) else []
+        return out, read_out(self.adapter, out.exited, self.exit_adapters) if len(out.exited) else []
 
     def _send_downstream(self, continuing: Rows, fill: Rows, verify: Rows) -> dict[str, asyncio.Future]:
         """One message per next-stage replica; returns seq_id -> call for the continuing rows.

@@ -1,0 +1,158 @@
+"""Exit-policy families side by side on the held-out prompts: V7, probe, V7+probe, V6, CALM, oracle.
+
+Settings are chosen on the calibration prompts (offline, cross-fitted probe scores) for each target
+agreement, then judged unchanged on the held-out prompts:
+
+* offline, teacher-forced (traces: every family, and the oracle bound);
+* free-running in the real engine (the families the runtime runs: V7, probe, V7+probe), each token
+  compared with the full model's greedy token on the prefix the policy wrote (HF forward);
+* wall clock, paired: exits off and the policy alternate on the same prompts, fixed length, at
+  batch 1 and batch 8; speedup = time(exits off) / time(policy), median over rounds.
+
+Run (minutes on 2 shared cores; one thread avoids oversubscription):
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD nice -n 15 .venv/bin/python benchmarks/quality_probes.py
+
+Writes ``benchmarks/results/quality_probes.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sedac_ray.calibration.policies import oracle_frontier
+from sedac_ray.calibration.probe_fit import (
+    PROBE,
+    V7_PROBE,
+    cross_fitted_probe_scores,
+    fit_trace_probes,
+    probe_table,
+)
+from sedac_ray.calibration.prompts import load_prompts
+from sedac_ray.calibration.sweep import CALM, V6, V7, build_settings, policy_from_setting, sweep
+from sedac_ray.calibration.traces import encode_prompts, record_traces
+from sedac_ray.calibration.validate import free_running
+from sedac_ray.engine import Engine
+from sedac_ray.model.loading import load_model
+from sedac_ray.policy import ExitPolicy
+from sedac_ray.sampling import SamplingParams
+
+RUNTIME_FAMILIES = (V7, PROBE, V7_PROBE)
+
+
+def wall_clock(
+    engine: Engine, prompts: list[list[int]], policy: ExitPolicy, batch: int, tokens: int, rounds: int
+):
+    """Paired timing: per round, exits off then the policy (then swapped order next round)."""
+    ratios, off_times, on_times = [], [], []
+    group = prompts[:batch]
+    off = ExitPolicy.disabled()
+    for round_index in range(rounds):
+        times = {}
+        order = (off, policy) if round_index % 2 == 0 else (policy, off)
+        for which in order:
+            start = time.perf_counter()
+            engine.generate_ids(group, tokens, SamplingParams(), [], which, ignore_eos=True)
+            times[which.enabled] = time.perf_counter() - start
+        off_times.append(times[False])
+        on_times.append(times[True])
+        ratios.append(times[False] / times[True])
+    return {
+        "batch": batch,
+        "tokens": tokens,
+        "rounds": rounds,
+        "speedup_median": statistics.median(ratios),
+        "speedups": ratios,
+        "off_s_median": statistics.median(off_times),
+        "policy_s_median": statistics.median(on_times),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.95, 0.99])
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3, help="paired wall-clock rounds (0 skips timing)")
+    parser.add_argument("--timing-tokens", type=int, default=32)
+    parser.add_argument("--out", default="benchmarks/results/quality_probes.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    clock = time.perf_counter()
+    loaded = load_model()
+    calibration = record_traces(loaded, load_prompts("calibration"), args.max_new_tokens, cache=True)
+    heldout = record_traces(loaded, load_prompts("heldout"), args.max_new_tokens, cache=True)
+    settings = build_settings(calibration, families={V7, V6, CALM})
+    cal_tables = {"plain": sweep(calibration, settings, progress=False)}
+    held_table = sweep(heldout, settings, progress=False)
+    scores, _ = cross_fitted_probe_scores(calibration)
+    cal_probe = probe_table(calibration, scores)
+    probes = fit_trace_probes(calibration)
+    held_probe = probe_table(heldout, probes.scores(heldout.hidden))
+    engine = Engine(loaded, ExitPolicy.disabled(), probes=probes)
+    held_prompts = encode_prompts(engine, load_prompts("heldout"))
+    frontier = oracle_frontier(heldout.readout, heldout.reference)
+    rows = []
+    for target in args.targets:
+        for family in (V7, PROBE, V7_PROBE, V6, CALM):
+            cal_table, held = (
+                (cal_probe, held_probe) if family in (PROBE, V7_PROBE) else (cal_tables["plain"], held_table)
+            )
+            pick = cal_table.best_at(family, target)
+            row = {"target": target, "family": family}
+            if pick is None:
+                rows.append({**row, "setting": None, "note": "no setting reaches the target on calibration"})
+                continue
+            twin = held.family(family)[cal_table.family(family).index(pick)]
+            row.update(
+                setting=pick.setting,
+                calibration_offline={"agreement": pick.agreement, "layers_saved": pick.layers_saved},
+                heldout_offline={"agreement": twin.agreement, "layers_saved": twin.layers_saved},
+            )
+            if family in RUNTIME_FAMILIES:
+                policy = policy_from_setting(pick.setting)
+                result = free_running(
+                    loaded, held_prompts, policy, args.max_new_tokens, probes=probes, progress=False
+                )
+                row["heldout_free_running"] = result.to_dict()
+                if args.rounds and result.layers_saved > 0:
+                    row["wall_clock"] = [
+                        wall_clock(engine, held_prompts, policy, batch, args.timing_tokens, args.rounds)
+                        for batch in (1, 8)
+                    ]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        rows.append(
+            {
+                "target": target,
+                "family": "oracle",
+                "heldout_offline": {
+                    "agreement": target,
+                    "layers_saved": 1 - frontier.mean_layers_at(target) / heldout.num_layers,
+                },
+            }
+        )
+    result = {
+        "method": __doc__,
+        "model": loaded.name,
+        "dtype": str(loaded.model.dtype),
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+        "tokens": {"calibration": len(calibration), "heldout": len(heldout)},
+        "rows": rows,
+        "seconds": round(time.perf_counter() - clock, 1),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
