@@ -3,18 +3,22 @@
 Clients loop until the time is up, each time picking one of: a normal HTTP completion, an HTTP
 stream, a gRPC call, a gRPC stream cancelled after two tokens, or an invalid request (HTTP or
 gRPC). Greedy full-depth answers are checked against the first answer for the same prompt, so a
-request that got another request's tokens shows up as a mismatch. Reports counts by outcome,
+request that got another request's tokens shows up as a mismatch. ``--kill-at`` SIGKILLs one of
+Stage1's two replicas and ``--scale-down-at`` scales Stage1 from 2 replicas to 1, that many seconds
+in: their sequences are replayed elsewhere, so no request may be lost. Reports counts by outcome,
 latency percentiles, the replicas' memory (RSS) at the start and the end, and the KV still held
 at the end. Prints a table, writes JSON.
 
-    .venv/bin/python benchmarks/soak.py [--duration 120] [--clients 8] [--out PATH]
+    .venv/bin/python benchmarks/soak.py [--duration 120] [--clients 8] [--kill-at 30] [--scale-down-at 70]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import signal
 import statistics
 import threading
 import time
@@ -34,6 +38,8 @@ from sedac_ray.serve.local_cluster import LocalPipeline
 PROMPTS = [f"Give me {n} words that rhyme with {w}." for n, w in [(3, "cat"), (4, "sun"), (5, "tree")]]
 PROMPTS += ["What is the capital of Italy?", "Name two planets.", "Why do leaves fall?"]
 INVALID_HTTP = [{"prompt": ""}, {"prompt": "hi", "max_tokens": -1}, {"prompt": "hi", "sedac": {"tau": 2}}]
+# What each kind of request may answer without having been lost.
+EXPECTED = {"invalid": {"400", "422", "INVALID_ARGUMENT"}, "grpc-cancelled": {"CANCELLED", "OK"}}
 KINDS = {"http": 0.3, "http-stream": 0.2, "grpc": 0.15, "grpc-cancelled": 0.15, "invalid": 0.2}
 
 
@@ -122,6 +128,27 @@ class Soak:
                     self.latency[kind].append(time.perf_counter() - started)
 
 
+def disrupt(pipeline: LocalPipeline, app: dict, kill_at: float | None, scale_at: float | None) -> list:
+    """SIGKILL a Stage1 replica at ``kill_at`` s and scale Stage1 to one replica at ``scale_at`` s."""
+    started, events = time.monotonic(), []
+    for at, action in sorted(
+        (t, a) for t, a in ((kill_at, "kill"), (scale_at, "scale-down")) if t is not None
+    ):
+        time.sleep(max(0.0, started + at - time.monotonic()))
+        if action == "kill":
+            victim = pipeline.stats("Stage1")[0]
+            os.kill(victim["pid"], signal.SIGKILL)
+            events.append(
+                {"at_s": round(time.monotonic() - started, 1), "event": f"SIGKILL Stage1 pid {victim['pid']}"}
+            )
+        else:
+            pipeline.deploy(app, replicas={"Stage1": 1})
+            events.append(
+                {"at_s": round(time.monotonic() - started, 1), "event": "Stage1 scaled to 1 replica"}
+            )
+    return events
+
+
 def replica_rss_mb() -> dict[str, float]:
     """Resident memory of each Serve replica process, by its process title."""
     found: dict[str, float] = {}
@@ -149,11 +176,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--kill-at", type=float, help="SIGKILL a Stage1 replica this many seconds in")
+    parser.add_argument("--scale-down-at", type=float, help="scale Stage1 from 2 replicas to 1 at this time")
     parser.add_argument("--out", default="benchmarks/results/soak.json")
     args = parser.parse_args()
 
     load_model()  # leaves the dequantized copy the replicas load
     app = {"stages": 3, "replica_cpus": 0.1, "max_concurrent_requests": 2 * args.clients}
+    if args.kill_at is not None or args.scale_down_at is not None:
+        app["stage_replicas"] = [1, 2, 1]
     pipeline = LocalPipeline.start(app, num_cpus=args.num_cpus)
     soak = Soak(pipeline, args.max_tokens)
     soak.one("http", random.Random(0))  # warm up
@@ -163,6 +194,7 @@ def main() -> None:
     threads = [threading.Thread(target=soak.client, args=(i, deadline)) for i in range(args.clients)]
     for thread in threads:
         thread.start()
+    events = disrupt(pipeline, app, args.kill_at, args.scale_down_at)
     for thread in threads:
         thread.join()
     settle = time.monotonic() + 30
@@ -174,6 +206,11 @@ def main() -> None:
     pipeline.stop()
 
     total = sum(soak.outcomes.values())
+    lost = {
+        f"{kind} {code}": n
+        for (kind, code), n in soak.outcomes.items()
+        if code not in EXPECTED.get(kind, {"200", "OK"})
+    }
     latencies = [x for values in soak.latency.values() for x in values]
     report = {
         "duration_s": args.duration,
@@ -181,6 +218,9 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "requests": total,
         "outcomes": {f"{kind} {code}": n for (kind, code), n in sorted(soak.outcomes.items())},
+        "disruptions": events,
+        "lost_requests": sum(lost.values()),
+        "lost_by_outcome": lost,
         "mismatched_answers": soak.mismatches,
         "latency_s": {
             kind: {"n": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99)}
@@ -199,7 +239,7 @@ def main() -> None:
     for kind, row in report["latency_s"].items():
         print(f"{kind:<16}{row['n']:>6}{row['p50']:>9.2f}{row['p99']:>9.2f}")
     print(
-        f"\nrequests {total}, mismatched answers {soak.mismatches}, p99 (all ok) "
+        f"\nrequests {total}, lost {sum(lost.values())}, mismatched answers {soak.mismatches}, p99 (all ok) "
         f"{report['latency_all_ok_s']['p99']:.2f} s, replica RSS {sum(memory_start.values()):.0f} MiB -> "
         f"{sum(memory_end.values()):.0f} MiB (drift {report['rss_drift_mb']:+.0f} MiB), "
         f"sequences still holding KV: {sum(held)}"
