@@ -37,6 +37,8 @@ import psutil
 import torch
 from ray import serve
 
+from sedac_ray.exit.probes import ExitProbes
+from sedac_ray.exit.store import calibrated_default, model_name_for_spec
 from sedac_ray.model.loading import load_config, load_model
 from sedac_ray.model.parts import ModelPart
 from sedac_ray.policy import ExitPolicy
@@ -61,6 +63,15 @@ from sedac_ray.serve.transport import (
 
 logger = logging.getLogger("ray.serve")
 PREFILL_BATCH = 8
+
+
+def model_probes(config: PipelineConfig, num_layers: int, dtype) -> ExitProbes | None:
+    """The exit probes of the model's calibration, when it has them: they serve any probe policy,
+    as the engine's do."""
+    calibration, _ = calibrated_default(model_name_for_spec(config.model), num_layers, dtype)
+    if calibration is None or calibration.probes_path is None:
+        return None
+    return ExitProbes.load(calibration.probes_path)
 
 
 def peak_rss_bytes() -> int:
@@ -92,6 +103,7 @@ class StageServer:
             max_model_len=self.config.model_len(adapter.max_context),
             max_sequences=self.config.max_concurrent_requests,
             name=f"stage {stage_index}",
+            probes=model_probes(self.config, num_layers, adapter.dtype),
         )
         self.adapter = adapter
         self.next_stage, self.head = next_stage, head

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sedac_ray.exit.probes import ExitProbes
 from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.policy import ExitPolicy
 from sedac_ray.runtime.kv_cache import SlotKVCache
@@ -116,6 +117,7 @@ class StageCore:
         max_model_len: int,
         max_sequences: int = 64,
         name: str = "stage",
+        probes: ExitProbes | None = None,
     ):
         self.adapter = adapter
         self.name = name
@@ -132,7 +134,7 @@ class StageCore:
             )
         self.kv_budget_bytes = num_slots * sequence_bytes
         self.layers = LayerRange(
-            adapter, start, end, SlotKVCache(num_slots=num_slots, capacity=max_model_len)
+            adapter, start, end, SlotKVCache(num_slots=num_slots, capacity=max_model_len), probes=probes
         )
         self.sequences: dict[str, SequenceState] = {}
         self.admitted = 0  # sequences admitted since start
