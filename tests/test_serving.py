@@ -59,7 +59,7 @@ def test_grpc_matches_hf_and_streams_the_same_tokens(pipeline, smollm2):
     assert reply.num_layers == 30 and list(reply.exit_layers) == [30] * len(reply.token_ids)
     chunks = list(client.stream(CHAT_PROMPTS[1], chat=True, max_tokens=MAX_TOKENS, tau=0.97, k=3))
     whole = client.generate(CHAT_PROMPTS[1], chat=True, max_tokens=MAX_TOKENS, tau=0.97, k=3)
-    engine = Engine(smollm2, ExitPolicy(0.97, k=3)).generate(
+    engine = Engine(smollm2, ExitPolicy(0.97, k=3), adapters=pipeline.args["exit_adapters"]).generate(
         CHAT_PROMPTS[1], max_new_tokens=MAX_TOKENS, chat=True
     )
     assert (list(whole.token_ids), list(whole.exit_layers)) == (engine[0].token_ids, engine[0].exit_layers)
