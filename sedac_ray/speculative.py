@@ -9,6 +9,14 @@ or a draft would end the completion (EOS, the token limit). The limit adapts to 
 drafts do: after each verification it is one more than the drafts just accepted in a row, at most
 ``draft_limit`` (so wrong drafts cost one draft step each, and runs of right ones grow the chunk).
 
+**Draft read-out and gating.** With a :class:`~sedac_ray.draft_head.DraftHead` (the LM head over
+the most frequent tokens only, FR-Spec), every row is read out cheaply, full-depth rows included:
+at full depth the draft is right whenever the full head's choice is in the subset, and the full
+head runs once per chunk, batched, at verification instead of once per token. The draft head's
+confidence (its softmax probability) gates drafting: a full-depth row below ``confidence`` with no
+drafts pending is read out by the full head at once (a direct token, as without a draft head); any
+other draft below it ends its chunk (verify now: later drafts would likely be wasted).
+
 **Exactness.** The K/V below a sequence's first unverified position are exact (full depth, from
 committed tokens). Draft row ``i`` of a chunk attended, at layers deeper than an earlier draft's
 exit, to that draft's propagated (approximate) K/V. So its hidden state is exact up to layer
@@ -37,6 +45,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sedac_ray.completion import Completion
+from sedac_ray.draft_head import DraftHead
 from sedac_ray.policy import RULE_WIDTH
 from sedac_ray.runtime.layer_range import LayerRange, TokenRows
 from sedac_ray.sampling import SamplingParams, choose_tokens
@@ -96,6 +105,7 @@ class _Draft:
     exit_layer: int
     exact_layer: int  # x_i: the deepest layer whose output is exact for this row
     hidden: torch.Tensor  # [hidden_size] output of exact_layer
+    confident: bool = True  # the draft head's confidence reached the gate (always, without one)
 
 
 class _Sequence:
@@ -125,17 +135,26 @@ class _Sequence:
 class SpeculativeDecoder:
     """Decodes prefilled sequences speculatively over ``layers`` (a whole-model range whose cache
     holds their prompts' K/V). ``draft_logits`` reads out drafts (default: final norm and LM head;
-    the engine passes its own exit read-out, e.g. with exit adapters); verified tokens always come
-    from the model's own head at full depth."""
+    the engine passes its own exit read-out, e.g. with exit adapters); or ``draft_head`` reads them
+    out over a token subset, gated by ``confidence`` (see the module notes). Verified tokens
+    always come from the model's own head at full depth."""
 
     def __init__(
         self,
         layers: LayerRange,
         draft_limit: int = DEFAULT_DRAFT_LIMIT,
         draft_logits: DraftLogits | None = None,
+        draft_head: DraftHead | None = None,
+        confidence: float = 0.0,
     ):
         if layers.start != 0 or not layers.is_last:
             raise ValueError("speculative decoding needs a LayerRange over the whole model")
+        if draft_logits is not None and draft_head is not None:
+            raise ValueError("give draft_logits or draft_head, not both")
+        if not 0.0 <= confidence <= 1.0:
+            raise ValueError(f"confidence must be in [0, 1], got {confidence!r}")
+        self.draft_head = draft_head
+        self.confidence = float(confidence)
         self.layers = layers
         self.adapter = layers.adapter
         self.num_layers = self.adapter.num_layers
@@ -184,22 +203,49 @@ class SpeculativeDecoder:
         capture = [s.capture_layer for s in sequences]
         exited, captured = self._decode_keeping(rows, capture)
         positions = exited.positions.tolist()
-        logits = self.draft_logits(exited.hidden, exited.exit_layer)
-        tokens = choose_tokens(logits, [self.params] * len(positions), positions)
+        tokens, confident = self._read_drafts(exited.hidden, exited.exit_layer, positions)
+        direct: list[tuple[_Sequence, int]] = []  # full depth, exact prefix, not confident: full head
         for j, (row, layer, token) in enumerate(
             zip(exited.ids.tolist(), exited.exit_layer.tolist(), tokens, strict=True)
         ):
             sequence = sequences[row]
-            if not sequence.drafts and layer == self.num_layers:
-                # Full depth from an exact prefix: this token is already what verification would give.
-                sequence.completion.add(token, layer)
-                sequence.position += 1
-                sequence.stats.direct += 1
+            if not sequence.drafts and layer == self.num_layers and not (self.draft_head and confident[j]):
+                # Full depth from an exact prefix: the full head gives what verification would give.
+                direct.append((sequence, j))
                 continue
             keep = capture[row]
             exact, hidden = (keep, captured[row]) if keep and layer > keep else (layer, exited.hidden[j])
-            sequence.drafts.append(_Draft(positions[j], token, layer, exact, hidden))
+            sequence.drafts.append(_Draft(positions[j], token, layer, exact, hidden, confident[j]))
             sequence.stats.drafts += 1
+        if direct:
+            index = [j for _, j in direct]
+            if self.draft_head is None:  # the draft read-out was the full head already
+                chosen = [tokens[j] for j in index]
+            else:
+                chosen = choose_tokens(
+                    self.adapter.logits(exited.hidden[index]),
+                    [self.params] * len(index),
+                    [positions[j] for j in index],
+                )
+            for (sequence, _), token in zip(direct, chosen, strict=True):
+                sequence.completion.add(token, self.num_layers)
+                sequence.position += 1
+                sequence.stats.direct += 1
+
+    def _read_drafts(
+        self, hidden: torch.Tensor, exit_layers: torch.Tensor, positions: list[int]
+    ) -> tuple[list[int], list[bool]]:
+        """Draft tokens of exited rows, and whether each reached the confidence gate."""
+        params = [self.params] * len(positions)
+        if self.draft_head is None:
+            tokens = choose_tokens(self.draft_logits(hidden, exit_layers), params, positions)
+            return tokens, [True] * len(positions)
+        readout = self.draft_head.draft(hidden, exit_layers)
+        if self.params.greedy:
+            tokens = readout.tokens.tolist()
+        else:  # sampled like verified tokens (same per-position seed), over the subset
+            tokens = choose_tokens(self.draft_head.full_vocab_logits(readout.logits), params, positions)
+        return tokens, (readout.confidence >= self.confidence).tolist()
 
     def _decode_keeping(
         self, rows: TokenRows, capture: list[int]
@@ -233,7 +279,9 @@ class SpeculativeDecoder:
         last, completion = sequence.drafts[-1], sequence.completion
         return (
             len(sequence.drafts) >= sequence.limit
-            or last.exit_layer == self.num_layers
+            or not last.confident
+            # Without a draft head a full-depth draft paid the full head: verifying now wastes least.
+            or (last.exit_layer == self.num_layers and self.draft_head is None)
             or last.token in completion.eos_ids
             or len(completion.token_ids) + len(sequence.drafts) >= completion.max_tokens
         )
