@@ -146,8 +146,9 @@ def replay(
     return counts
 
 
-def time_per_token(costs: MeasuredCosts, plan: Plan, counts: ReplayCounts, width: int) -> float:
-    """Expected milliseconds per output token at ``width`` sequences (see the module notes)."""
+def breakdown(costs: MeasuredCosts, plan: Plan, counts: ReplayCounts, width: int) -> dict[str, float]:
+    """Expected milliseconds per output token at ``width`` sequences, by where they go: draft rows,
+    verification, direct full-head read-outs (see the module notes)."""
     if plan.draft_tokens not in costs.draft_head_ms:
         raise ValueError(f"no draft-head cost measured for {plan.draft_tokens} tokens")
     depth, layers = plan.draft_depth, costs.num_layers
@@ -157,12 +158,18 @@ def time_per_token(costs: MeasuredCosts, plan: Plan, counts: ReplayCounts, width
         + at(costs.draft_head_ms[plan.draft_tokens], width)
     ) / width
     direct_row = at(costs.head_ms, width) / width
-    verify_width = width * counts.verified_rows / max(counts.verifications, 1)
-    verify_row = (
-        (layers - depth) * at(costs.layer_ms, verify_width) + at(costs.head_ms, verify_width)
-    ) / max(verify_width, 1)
-    total = counts.draft_rows * draft_row + counts.direct * direct_row + counts.verified_rows * verify_row
-    return total / max(counts.tokens, 1)
+    rows = max(width * counts.verified_rows / max(counts.verifications, 1), 1.0)
+    verify_row = ((layers - depth) * at(costs.layer_ms, rows) + at(costs.head_ms, rows)) / rows
+    tokens = max(counts.tokens, 1)
+    return {
+        "draft_ms": counts.draft_rows * draft_row / tokens,
+        "verify_ms": counts.verified_rows * verify_row / tokens,
+        "direct_ms": counts.direct * direct_row / tokens,
+    }
+
+
+def time_per_token(costs: MeasuredCosts, plan: Plan, counts: ReplayCounts, width: int) -> float:
+    return sum(breakdown(costs, plan, counts, width).values())
 
 
 @dataclass

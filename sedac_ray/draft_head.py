@@ -8,17 +8,17 @@ full read-out, and its logits are exactly the full head's logits on those tokens
 is right whenever the full-depth argmax is among them; its confidence (max softmax probability
 over the subset) says when it is likely to be wrong.
 
-The ranking is built once per model (:func:`rank_tokens`: tokens of the calibration prompts and the
-model's own full-depth answers to them, by count; the rest by token id, which in byte-level BPE
-follows merge order, a frequency proxy) and stored beside the model's calibration file as
-``<model>.speculative.json`` together with the settings the cost model chose
+The ranking is built once per model (:func:`rank_tokens`, over the calibration prompts and the
+model's own full-depth answers to them: each token's count plus its summed probability at every
+position, so tokens the model finds likely rank high even when they were not chosen; unseen ones
+by token id, which in byte-level BPE follows merge order, a frequency proxy) and stored beside the
+model's calibration file as ``<model>.speculative.json``, with the settings the cost model chose
 (:class:`SpeculationFile`).
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,16 +87,15 @@ class DraftHead:
         return out.index_copy_(1, self.token_ids.cpu(), subset_logits.cpu())
 
 
-def rank_tokens(sequences: Iterable[Iterable[int]], vocab_size: int, always: Iterable[int] = ()) -> list[int]:
+def rank_tokens(scores: torch.Tensor, always: Iterable[int] = ()) -> list[int]:
     """Every token id of the vocabulary, most useful for drafting first: ``always`` (EOS ids), then
-    tokens seen in ``sequences`` by count (ties by id), then the unseen ones by id."""
-    counts = Counter(int(t) for seq in sequences for t in seq)
-    first = [t for t in dict.fromkeys(int(t) for t in always) if 0 <= t < vocab_size]
-    seen = sorted((t for t in counts if 0 <= t < vocab_size), key=lambda t: (-counts[t], t))
+    by ``scores[vocab]`` (e.g. counts in the model's answers plus its summed probabilities),
+    descending, ties by id (so unseen tokens follow by id: BPE merge order)."""
+    vocab = scores.shape[0]
+    first = [t for t in dict.fromkeys(int(t) for t in always) if 0 <= t < vocab]
+    order = torch.sort(-scores.double(), stable=True).indices.tolist()
     taken = set(first)
-    ranked = first + [t for t in seen if t not in taken]
-    taken.update(ranked)
-    return ranked + [t for t in range(vocab_size) if t not in taken]
+    return first + [t for t in order if t not in taken]
 
 
 # ---- the stored file ----------------------------------------------------------------------------

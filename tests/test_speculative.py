@@ -320,8 +320,10 @@ def test_draft_head_logits_are_the_full_heads_on_its_tokens(arch):
 def test_rank_tokens_puts_eos_then_counts_then_ids():
     from sedac_ray.draft_head import rank_tokens
 
-    ranked = rank_tokens([[5, 7, 7, 9], [7, 9, 2]], vocab_size=12, always=[2])
-    assert ranked[:4] == [2, 7, 9, 5]  # EOS, then by count (ties by id)
+    scores = torch.zeros(12)
+    scores[[5, 7, 9, 2]] = torch.tensor([1.0, 3.0, 1.0, 0.5])
+    ranked = rank_tokens(scores, always=[2])
+    assert ranked[:4] == [2, 7, 5, 9]  # EOS, then by score (ties by id)
     assert ranked[4:] == [0, 1, 3, 4, 6, 8, 10, 11]
     assert sorted(ranked) == list(range(12))
 
