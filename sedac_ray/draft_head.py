@@ -139,6 +139,7 @@ class SpeculationFile:
             "ranked_token_ids": self.ranked_token_ids,
         }
         path.write_text(json.dumps(body, indent=1) + "\n")
+        self.path = path
         return path
 
     @classmethod
