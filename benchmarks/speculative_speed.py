@@ -467,8 +467,9 @@ def build_speculation(engine: Engine, probe_ids: list[list[int]], args) -> tuple
 
 def cost_model_report(costs, traces, choice: cost_model.Choice, widths: list[int]) -> dict:
     """The chosen plan with its predicted speed-ups; per width the best plan; per draft depth the
-    acceptance the model gives (gate 0, chosen size) and what a 1.15x (batch 1) or 1.0x (batch 8)
-    speed-up would need at the chosen size and limit."""
+    acceptance the model gives (gate 0, chosen size; teacher forced, so an upper bound below full
+    depth), what a 1.15x (batch 1) or 1.0x (batch 8) speed-up would need at the chosen size (best
+    draft limit), and the speed-up if every draft were right."""
     plan = choice.plan
     predicted = {}
     for width in widths:
@@ -486,16 +487,28 @@ def cost_model_report(costs, traces, choice: cost_model.Choice, widths: list[int
     for trace in traces:
         if trace.draft_tokens != plan.draft_tokens or trace.confidence != 0.0:
             continue
-        depths[trace.draft_depth] = {
-            "acceptance_given": round(trace.acceptance, 4),
-            **{
-                f"acceptance_needed_batch{w}_x{target}": cost_model.required_acceptance(
-                    costs, trace.draft_depth, plan.draft_tokens, plan.draft_limit, w, target
+        entry = {"acceptance_given": round(trace.acceptance, 4)}
+        for width, target in ((1, 1.15), (8, 1.0)):
+            if width not in widths:
+                continue
+            needed = [
+                cost_model.required_acceptance(
+                    costs, trace.draft_depth, plan.draft_tokens, limit, width, target
                 )
-                for w, target in ((1, 1.15), (8, 1.0))
-                if w in widths
-            },
-        }
+                for limit in DRAFT_LIMITS
+            ]
+            ceiling = max(
+                costs.plain_ms(width)
+                / cost_model.fixed_chunk_ms(costs, trace.draft_depth, plan.draft_tokens, limit, 1.0, width)
+                for limit in DRAFT_LIMITS
+            )
+            # The least acceptance over the draft limits (None: no limit reaches the target), and
+            # the speed-up every draft being right would give (the best limit).
+            entry[f"batch{width}_needed_for_x{target}"] = min(
+                (a for a in needed if a is not None), default=None
+            )
+            entry[f"batch{width}_speedup_if_all_right"] = round(ceiling, 3)
+        depths[trace.draft_depth] = entry
     chosen = next(
         t
         for t in traces
