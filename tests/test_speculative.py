@@ -56,7 +56,10 @@ def test_speculative_sampling_equals_full_depth_with_the_same_seed(smollm2):
 def test_plain_and_disabled_modes_carry_no_statistics(smollm2):
     engine = Engine(smollm2, ExitPolicy.disabled(), speculative=True)
     result = engine.generate(CHAT_PROMPTS[0], max_new_tokens=4, chat=True)[0]
-    assert result.speculative.drafts == 0 and result.speculative.direct == len(result.token_ids) - 1
+    stats = result.speculative
+    if engine.draft_head is None:  # without a draft head nothing exits, so nothing is drafted
+        assert stats.drafts == 0 and stats.direct == len(result.token_ids) - 1
+    assert stats.direct + stats.verified_tokens == len(result.token_ids) - 1
     assert (
         engine.generate(CHAT_PROMPTS[0], max_new_tokens=2, chat=True, speculative=False)[0].speculative
         is None
@@ -388,3 +391,91 @@ def test_draft_head_decoding_is_lossless_batched(arch, confidence, policy, tempe
     # Greedy drafts on the subset are often right; sampled ones on a random model's flat
     # distribution rarely are (their acceptance is covered with the real model below).
     assert total_stats.accepted > 0 or temperature
+
+
+@pytest.mark.slow
+def test_engine_speculative_defaults_are_lossless_greedy_and_sampled(smollm2):
+    """``Engine(model, speculative=True)`` with the packaged speculation file (draft head, gate,
+    limit, depth chosen by the cost model): batched greedy equals HF greedy, seeded sampling equals
+    full-depth sampling, and drafts were really made and accepted."""
+    engine = Engine(smollm2, speculative=True)
+    assert engine.draft_head is not None and "speculation settings" in engine.policy_source
+    greedy = engine.generate(CHAT_PROMPTS, max_new_tokens=MAX_NEW, chat=True)
+    for result in greedy:
+        assert result.token_ids == hf_greedy(smollm2.model, result.prompt_token_ids, MAX_NEW)
+    assert total(greedy).accepted > 0
+    kwargs = dict(max_new_tokens=12, temperature=0.7, top_p=0.9, seed=3, chat=True)
+    full = Engine(smollm2, ExitPolicy.disabled()).generate(CHAT_PROMPTS, **kwargs)
+    sampled = engine.generate(CHAT_PROMPTS, **kwargs)
+    assert [r.token_ids for r in sampled] == [r.token_ids for r in full]
+    assert total(sampled).accepted > 0
+
+
+# ---- cost model (synthetic costs and drafts) --------------------------------------------------
+
+
+def _costs(layer: float, head: float, fill: float = 0.1, draft: float = 0.5, batching: bool = True):
+    from sedac_ray.cost_model import MeasuredCosts
+
+    def flat(ms: float):  # batching nearly free up to 8 rows, then linear: a memory-bound CPU
+        return {1: ms, 8: ms * 1.2, 32: ms * 4.8}
+
+    def linear(ms: float):  # every row costs the same: compute-bound
+        return {1: ms, 8: ms * 8, 32: ms * 32}
+
+    rows = flat if batching else linear
+    return MeasuredCosts(30, rows(layer), rows(fill), flat(head), {1024: flat(draft)})
+
+
+def _trace(depth: int, wrong_every: int):
+    from sedac_ray.cost_model import DraftTrace
+
+    flags = [[(True, i % wrong_every != wrong_every - 1) for i in range(60)] for _ in range(4)]
+    return DraftTrace(depth, 1024, 0.0, flags)
+
+
+def test_replay_follows_the_decoders_rules_by_hand():
+    from sedac_ray.cost_model import replay
+
+    flags = [(True, True), (True, True), (True, False), (False, True), (True, True), (True, True)]
+    counts = replay([flags], full_depth=True, draft_limit=3)
+    # limit 1: [0] right; limit 2: [1] right, [2] wrong (committed corrected); [3] unconfident at
+    # full depth: direct; limit 2: [4], [5] right.
+    assert (counts.tokens, counts.draft_rows, counts.verified_rows) == (6, 5, 5)
+    assert (counts.verifications, counts.direct, counts.accepted) == (3, 1, 4)
+    below = replay([flags], full_depth=False, draft_limit=3)  # no direct read-out below full depth
+    assert below.direct == 0 and below.draft_rows == 6 and below.verifications == 4
+
+
+def test_cost_model_choice_follows_the_measured_costs():
+    from sedac_ray.cost_model import choose
+
+    traces = [_trace(30, 20), _trace(10, 5)]  # full depth: 95% right; layer 10: 80% right
+    limits = [1, 2, 4, 8]
+    # Batched layers nearly free: drafting at layer 10 and verifying chunks from there wins.
+    batched = choose(_costs(layer=3.0, head=1.0), traces, limits, widths=[1])
+    assert batched.plan.draft_depth == 10 and batched.speedup > 1.2
+    # Every row costs a layer in full, and the head is expensive: re-running 20 layers per draft
+    # at verification no longer pays; drafting at full depth and amortising the head does.
+    linear = choose(_costs(layer=1.0, head=20.0, batching=False), traces, limits, widths=[1])
+    assert linear.plan.draft_depth == 30 and linear.speedup > 1.1
+    assert linear.plan.draft_limit > 1  # amortising the head needs chunks
+    # A cheap head and linear layers: nothing helps; the least bad plan is still reported.
+    hopeless = choose(_costs(layer=1.0, head=0.5, batching=False), traces, limits, widths=[1])
+    assert hopeless.speedup < 1.0
+
+
+def test_required_acceptance_and_interpolation():
+    from sedac_ray.cost_model import at, fixed_chunk_ms, required_acceptance
+
+    assert at({1: 1.0, 8: 8.0}, 4) == pytest.approx(4.0)
+    assert at({1: 1.0, 8: 8.0}, 16) == pytest.approx(16.0)  # linear beyond the last width
+    costs = _costs(layer=1.0, head=20.0)
+    low = required_acceptance(costs, 30, 1024, 4, 1, 1.05)
+    high = required_acceptance(costs, 30, 1024, 4, 1, 1.2)
+    assert 0.0 < low < high < 1.0
+    plain = costs.plain_ms(1)
+    assert fixed_chunk_ms(costs, 30, 1024, 4, high, 1) == pytest.approx(plain / 1.2, rel=1e-6)
+    assert required_acceptance(costs, 30, 1024, 4, 1, 3.0) is None  # the layers alone cost more
+    with pytest.raises(ValueError, match="no draft-head cost"):
+        required_acceptance(costs, 30, 4096, 4, 1, 1.1)
