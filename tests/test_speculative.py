@@ -479,3 +479,26 @@ def test_required_acceptance_and_interpolation():
     assert required_acceptance(costs, 30, 1024, 4, 1, 3.0) is None  # the layers alone cost more
     with pytest.raises(ValueError, match="no draft-head cost"):
         required_acceptance(costs, 30, 4096, 4, 1, 1.1)
+
+
+def test_speculation_file_round_trip_and_lookup(tmp_path, monkeypatch):
+    from sedac_ray.draft_head import (
+        SpeculationFile,
+        SpeculationSettings,
+        find_speculation,
+        speculation_file_name,
+    )
+
+    monkeypatch.setenv("SEDAC_CALIBRATION_DIR", str(tmp_path))
+    settings = SpeculationSettings(draft_tokens=3, confidence=0.4, draft_limit=6, exit_policy=None)
+    written = SpeculationFile("org/tiny", [5, 2, 9, 1], settings, {"note": "x"})
+    written.save(tmp_path / speculation_file_name("org/tiny"))
+    assert (tmp_path / "org--tiny.speculative.json").is_file()
+    found = find_speculation("org/tiny")
+    assert found.settings == settings and found.draft_token_ids() == [5, 2, 9]
+    assert found.draft_token_ids(2) == [5, 2] and found.details == {"note": "x"}
+    (tmp_path / "bad.speculative.json").write_text('{"model": "bad"}')
+    with pytest.raises(ValueError, match="not a sedac-ray speculation file"):
+        SpeculationFile.load(tmp_path / "bad.speculative.json")
+    with pytest.raises(ValueError, match="confidence must be in"):
+        SpeculationSettings(draft_tokens=3, confidence=1.5, draft_limit=2)
