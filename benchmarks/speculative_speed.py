@@ -389,22 +389,22 @@ def calibration_answers(engine: Engine, new_tokens: int) -> list[tuple[list[int]
 
 @torch.inference_mode()
 def hidden_traces(engine: Engine, answers, depths: list[int]):
-    """One HF forward per answered prompt: token scores (count + summed probability over every
-    position), and per answer the full-depth token after each answer position (teacher forced)
-    with the raw hidden states that predict it at each depth (layer L's from a hook: HF's last
-    hidden state is post-norm)."""
+    """One HF forward per answered prompt: its token scores (count + summed probability over every
+    position), and the full-depth token after each answer position (teacher forced) with the raw
+    hidden states that predict it at each depth (layer L's from a hook: HF's last hidden state is
+    post-norm)."""
     model = engine.loaded.model
-    scores = torch.zeros(engine.adapter.head.weight.shape[0], dtype=torch.float64)
+    vocab = engine.adapter.head.weight.shape[0]
     captured = {}
     hook = engine.adapter.layers[-1].register_forward_hook(lambda m, a, out: captured.update(last=out))
-    per_answer = []
+    scores, per_answer = [], []
     try:
         for prompt, answer in answers:
             ids = prompt + answer
             out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
             logits = out.logits[0].float()
-            scores += torch.softmax(logits, dim=-1).sum(0).double()
-            scores += torch.bincount(torch.tensor(ids), minlength=len(scores)).double()
+            counts = torch.bincount(torch.tensor(ids), minlength=vocab).double()
+            scores.append(torch.softmax(logits, dim=-1).sum(0).double() + counts)
             last = (
                 captured["last"][0] if isinstance(captured["last"], torch.Tensor) else captured["last"][0][0]
             )
@@ -416,15 +416,16 @@ def hidden_traces(engine: Engine, answers, depths: list[int]):
     return scores, per_answer
 
 
-def draft_traces(
-    engine: Engine, ranked: list[int], per_answer, depths: list[int]
-) -> list[cost_model.DraftTrace]:
+def draft_traces(engine: Engine, folds, depths: list[int]) -> list[cost_model.DraftTrace]:
+    """Draft traces for every size, depth and gate; ``folds`` are (ranking, answers) pairs, each
+    fold's answers drafted with its own ranking, sequences of all folds together."""
     traces = []
     for size in DRAFT_SIZES:
-        head = DraftHead(engine.adapter, ranked[:size])
-        readouts = {
-            depth: [(truth, head.draft(hidden[depth])) for truth, hidden in per_answer] for depth in depths
-        }
+        readouts = {depth: [] for depth in depths}
+        for ranked, per_answer in folds:
+            head = DraftHead(engine.adapter, ranked[:size])
+            for depth in depths:
+                readouts[depth] += [(truth, head.draft(hidden[depth])) for truth, hidden in per_answer]
         for depth in depths:
             for gate in GATES:
                 sequences = [
@@ -442,8 +443,16 @@ def build_speculation(engine: Engine, probe_ids: list[list[int]], args) -> tuple
     answers = calibration_answers(engine, args.build_new_tokens)
     depths = [*DRAFT_DEPTHS, engine.num_layers]
     scores, per_answer = hidden_traces(engine, answers, depths)
-    ranked = rank_tokens(scores, always=sorted(engine.eos_ids))
-    traces = draft_traces(engine, ranked, per_answer, depths)
+    eos = sorted(engine.eos_ids)
+    ranked = rank_tokens(sum(scores), always=eos)
+    # Acceptance out of sample: each half of the answers is drafted with the ranking built from
+    # the other half (in sample, every answer token would be in the subset).
+    halves = [range(0, len(answers), 2), range(1, len(answers), 2)]
+    folds = [
+        (rank_tokens(sum(scores) - sum(scores[i] for i in half), always=eos), [per_answer[i] for i in half])
+        for half in halves
+    ]
+    traces = draft_traces(engine, folds, depths)
     probe = cost_probe(engine, probe_ids, args.probe_repeats, ranked)
     costs = cost_model.MeasuredCosts.from_dict(probe[f"threads_{torch.get_num_threads()}"])
     choice = cost_model.choose(costs, traces, DRAFT_LIMITS, widths=args.batches)
@@ -456,7 +465,8 @@ def build_speculation(engine: Engine, probe_ids: list[list[int]], args) -> tuple
     settings = SpeculationSettings(plan.draft_tokens, plan.confidence, plan.draft_limit, rule)
     details = {
         "built_from": f"{len(answers)} calibration prompts, full-depth greedy answers of up to "
-        f"{args.build_new_tokens} tokens; scores = count + summed probability",
+        f"{args.build_new_tokens} tokens; scores = count + summed probability; acceptance 2-fold "
+        "out of sample (each half drafted with the other half's ranking)",
         "build_seconds": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
         "costs": probe[f"threads_{torch.get_num_threads()}"],
