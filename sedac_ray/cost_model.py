@@ -12,8 +12,8 @@ rollback) and counts draft rows, verified rows, verification calls and direct to
 ``d < L`` are judged on full-depth K/V (teacher forcing), so their acceptance is an upper bound.
 
 **Price** (:func:`time_per_token`) at batch width ``w`` (sequences decode in lockstep):
-a draft row costs ``(d*layer(w) + (L-d)*fill(w) + draft_head(w)) / w``; a direct token
-``head(w) / w``; a verified row ``((L-d)*layer(W) + head(W)) / W`` with ``W`` = ``w`` times the
+a draft row costs ``(d*layer(w) + (L-d)*fill(w) + draft_head(w)) / w``; a direct token a draft
+row plus ``head(w) / w``; a verified row ``((L-d)*layer(W) + head(W)) / W`` with ``W`` = ``w`` times the
 rows per verification. Plain decoding costs ``(L*layer(w) + head(w)) / w`` per token.
 
 :func:`choose` picks the settings with the least time per token; :func:`required_acceptance`
@@ -164,7 +164,8 @@ def breakdown(costs: MeasuredCosts, plan: Plan, counts: ReplayCounts, width: int
     return {
         "draft_ms": counts.draft_rows * draft_row / tokens,
         "verify_ms": counts.verified_rows * verify_row / tokens,
-        "direct_ms": counts.direct * direct_row / tokens,
+        # A direct token ran its draft row too (all layers, the draft head) before the full head.
+        "direct_ms": counts.direct * (draft_row + direct_row) / tokens,
     }
 
 

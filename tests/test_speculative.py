@@ -446,6 +446,14 @@ def test_replay_follows_the_decoders_rules_by_hand():
     below = replay([flags], full_depth=False, draft_limit=3)  # no direct read-out below full depth
     assert below.direct == 0 and below.draft_rows == 6 and below.verifications == 4
 
+    from sedac_ray.cost_model import Plan, breakdown
+
+    costs = _costs(layer=1.0, head=20.0)
+    split = breakdown(costs, Plan(30, 1024, 0.5, 3), counts, 1)
+    # The direct token ran all 30 layers and the draft head before the full head.
+    assert split["direct_ms"] == pytest.approx((30 * 1.0 + 0.5 + 20.0) / 6)
+    assert split["draft_ms"] == pytest.approx(5 * (30 * 1.0 + 0.5) / 6)
+
 
 def test_cost_model_choice_follows_the_measured_costs():
     from sedac_ray.cost_model import choose
