@@ -182,15 +182,23 @@ class SpeculativeDecoder:
             )
         ]
         while active := [s for s in sequences if not s.completion.finished]:
-            self._draft_step(active)
+            direct = self._draft_step(active)
             ready = [s for s in active if self._should_verify(s)]
-            if ready:
-                self._verify(ready)
+            if ready or direct:
+                # The full head is read whole per call (memory-bound): chunks whose drafts are all
+                # full depth need only the head, so they join the call that happens anyway.
+                ready += [s for s in active if s not in ready and s.drafts and self._head_only(s)]
+                self._verify(ready, direct)
         return [s.stats for s in sequences]
+
+    def _head_only(self, sequence: _Sequence) -> bool:
+        return self.draft_head is not None and sequence.drafts[-1].exact_layer == self.num_layers
 
     # ---- draft ------------------------------------------------------------------------------
 
-    def _draft_step(self, sequences: list[_Sequence]) -> None:
+    def _draft_step(self, sequences: list[_Sequence]) -> list[tuple[_Sequence, int, torch.Tensor]]:
+        """One draft row per sequence. Returns the rows to read out with the full head (full depth
+        from an exact prefix, not confident): (sequence, position, hidden)."""
         adapter = self.adapter
         inputs = torch.tensor([s.next_input for s in sequences], device=adapter.device)
         rows = TokenRows(
@@ -204,33 +212,28 @@ class SpeculativeDecoder:
         exited, captured = self._decode_keeping(rows, capture)
         positions = exited.positions.tolist()
         tokens, confident = self._read_drafts(exited.hidden, exited.exit_layer, positions)
-        direct: list[tuple[_Sequence, int]] = []  # full depth, exact prefix, not confident: full head
+        direct: list[tuple[_Sequence, int, torch.Tensor]] = []
         for j, (row, layer, token) in enumerate(
             zip(exited.ids.tolist(), exited.exit_layer.tolist(), tokens, strict=True)
         ):
             sequence = sequences[row]
             if not sequence.drafts and layer == self.num_layers and not (self.draft_head and confident[j]):
                 # Full depth from an exact prefix: the full head gives what verification would give.
-                direct.append((sequence, j))
+                if self.draft_head is None:  # and the draft read-out was the full head already
+                    self._commit_direct(sequence, token)
+                else:
+                    direct.append((sequence, positions[j], exited.hidden[j]))
                 continue
             keep = capture[row]
             exact, hidden = (keep, captured[row]) if keep and layer > keep else (layer, exited.hidden[j])
             sequence.drafts.append(_Draft(positions[j], token, layer, exact, hidden, confident[j]))
             sequence.stats.drafts += 1
-        if direct:
-            index = [j for _, j in direct]
-            if self.draft_head is None:  # the draft read-out was the full head already
-                chosen = [tokens[j] for j in index]
-            else:
-                chosen = choose_tokens(
-                    self.adapter.logits(exited.hidden[index]),
-                    [self.params] * len(index),
-                    [positions[j] for j in index],
-                )
-            for (sequence, _), token in zip(direct, chosen, strict=True):
-                sequence.completion.add(token, self.num_layers)
-                sequence.position += 1
-                sequence.stats.direct += 1
+        return direct
+
+    def _commit_direct(self, sequence: _Sequence, token: int) -> None:
+        sequence.completion.add(token, self.num_layers)
+        sequence.position += 1
+        sequence.stats.direct += 1
 
     def _read_drafts(
         self, hidden: torch.Tensor, exit_layers: torch.Tensor, positions: list[int]
@@ -286,23 +289,34 @@ class SpeculativeDecoder:
             or len(completion.token_ids) + len(sequence.drafts) >= completion.max_tokens
         )
 
-    def _verify(self, sequences: list[_Sequence]) -> None:
+    def _verify(self, sequences: list[_Sequence], direct: list[tuple[_Sequence, int, torch.Tensor]]) -> None:
+        """Verify the drafts of ``sequences`` and read out the ``direct`` rows: one full-head call."""
         drafts = [(s, d) for s in sequences for d in s.drafts]
-        rows = TokenRows(
-            ids=torch.arange(len(drafts)),
-            slots=torch.tensor([s.slot for s, _ in drafts]),
-            positions=torch.tensor([d.position for _, d in drafts]),
-            hidden=torch.stack([d.hidden for _, d in drafts]),
-            rules=torch.zeros(len(drafts), RULE_WIDTH),  # verification never exits
+        hidden = [
+            torch.zeros(0, self.adapter.hidden_size, device=self.adapter.device, dtype=self.adapter.dtype)
+        ]
+        if drafts:
+            rows = TokenRows(
+                ids=torch.arange(len(drafts)),
+                slots=torch.tensor([s.slot for s, _ in drafts]),
+                positions=torch.tensor([d.position for _, d in drafts]),
+                hidden=torch.stack([d.hidden for _, d in drafts]),
+                rules=torch.zeros(len(drafts), RULE_WIDTH),  # verification never exits
+            )
+            hidden.append(self.layers.verify(rows, torch.tensor([d.exact_layer for _, d in drafts])).hidden)
+        if direct:
+            hidden.append(torch.stack([h for _, _, h in direct]))
+        positions = [d.position for _, d in drafts] + [p for _, p, _ in direct]
+        chosen = choose_tokens(
+            self.adapter.logits(torch.cat(hidden)), [self.params] * len(positions), positions
         )
-        full = self.layers.verify(rows, torch.tensor([d.exact_layer for _, d in drafts])).hidden
-        positions = rows.positions.tolist()
-        verified = choose_tokens(self.adapter.logits(full), [self.params] * len(drafts), positions)
         start = 0
         for sequence in sequences:
             count = len(sequence.drafts)
-            self._settle(sequence, verified[start : start + count])
+            self._settle(sequence, chosen[start : start + count])
             start += count
+        for (sequence, _, _), token in zip(direct, chosen[start:], strict=True):
+            self._commit_direct(sequence, token)
 
     def _settle(self, sequence: _Sequence, verified: list[int]) -> None:
         """Commit the drafts that match their verified tokens, then the first verified token that
