@@ -1,18 +1,28 @@
 """Speculative mode against plain early exit and full depth, side by side in one run.
 
-For each batch size (1 and 8 chat prompts) the engine runs: no exit; plain early exit with a
-policy; and speculative mode with the same policy (lossless: exited tokens are drafts, verified at
-full depth). Two policies: one that exits often (its early drafts are mostly wrong on SmolLM2) and
-one that exits late (drafts right more often, less to skip). Every configuration generates exactly
-``--new-tokens`` tokens per sequence (EOS ignored); rounds are interleaved and medians reported.
+For each batch size (1 and 8) the engine decodes held-out chat prompts (``heldout.jsonl``; batch
+1 runs ``--batch1-prompts`` of them one at a time): no exit; plain early exit with a policy; and
+speculative mode with the same policy (lossless: exited tokens are drafts, verified at full
+depth), and speculative mode with the cost model's defaults (``Engine(model, speculative=True)``).
+Every configuration generates exactly ``--new-tokens`` tokens per sequence (EOS ignored); rounds
+are interleaved and medians reported.
+
+**Speculation file.** Before the rows, the model's draft-head ranking and speculative defaults
+are built when missing (or with ``--rebuild``): the calibration prompts' full-depth answers, one
+HF forward over each (token counts plus summed probabilities rank the vocabulary; hidden states at
+several depths give each draft's confidence and correctness, for every draft-head size and gate),
+the cost probe below, and :func:`sedac_ray.cost_model.choose`. Written beside the model's
+calibration file; the report also gives, per draft depth, the acceptance the model gives and the
+acceptance the cost model says a 1.15x speed-up at batch 1 would need.
 
 Columns: tokens/s over the batch; time per output token (a sequence's latency / its tokens);
 agreement with full depth (fraction of positions whose token equals the no-exit run's; it must be
 1.0 for speculative); mean exit layer of the emitted tokens; and for speculative the acceptance
 rate and tokens per verification.
 
-A cost probe times one decoder layer and the LM head at 1..8 rows with 1 and 2 torch threads, and
-the K/V fill of exited tokens: the per-layer costs the pipeline simulator is calibrated with.
+A cost probe times one decoder layer, the LM head and the draft heads at 1..32 rows with 1 and the
+default number of torch threads, and the K/V fill of exited tokens: the per-layer costs the
+pipeline simulator is calibrated with, and the cost model's input.
 
 With ``--pipeline`` the same modes also run through the 3-stage Ray Serve pipeline on a local
 Ray (2 CPUs), as concurrent HTTP requests (rows with ``system: "pipeline"``). EOS ends those
@@ -22,6 +32,7 @@ agreement is against the pipeline's own no-exit run (itself equal to HF greedy, 
 Prints a table, writes JSON and a plot.
 
     .venv/bin/python benchmarks/speculative_speed.py [--rounds 3] [--new-tokens 48] [--pipeline] [--out PATH]
+        [--rebuild] [--policies NAME ...]
 """
 
 from __future__ import annotations
@@ -38,10 +49,20 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from engine_speed import PROMPTS  # the same prompts as the other benchmarks
+from engine_speed import PROMPTS  # the pipeline rows' prompts, as in the other benchmarks
 from pipeline_speed import PIPELINE_ARGS, counts_between, mean_batch_rows, stage_counts  # same app
 
-from sedac_ray import Engine, ExitPolicy, load_model
+from sedac_ray import Engine, ExitPolicy, cost_model, load_model
+from sedac_ray.calibration.prompts import load_prompts
+from sedac_ray.calibration.store import packaged_calibration_dir
+from sedac_ray.draft_head import (
+    DraftHead,
+    SpeculationFile,
+    SpeculationSettings,
+    find_speculation,
+    rank_tokens,
+    speculation_file_name,
+)
 from sedac_ray.runtime.layer_range import LayerRange, TokenRows
 from sedac_ray.sampling import SamplingParams
 from sedac_ray.speculative import SpeculativeStats
@@ -50,7 +71,13 @@ POLICIES = {
     "tau=0.97,K=3": ExitPolicy(0.97, k=3),
     "tau=0.95,K=3,min27": ExitPolicy(0.95, k=3, min_layer=27),
 }
-DRAFT_LIMIT = 4
+DRAFT_LIMIT = 4  # for the rows with a given policy; the cost-model row uses the chosen limit
+COST_MODEL = "cost model"  # the policy name of the rows that run the engine's speculative defaults
+DRAFT_SIZES = (2048, 4096, 8192, 16384)
+GATES = (0.0, 0.2, 0.4, 0.6)
+DRAFT_DEPTHS = (10, 15, 20, 25)  # and full depth
+DRAFT_LIMITS = (2, 3, 4, 6, 8)
+PROBE_ROWS = (1, 2, 4, 8, 16, 32)
 
 
 @dataclass(frozen=True)
@@ -64,12 +91,14 @@ class Config:
         return self.mode if self.mode == "no exit" else f"{self.mode}, {self.policy_name}"
 
 
-def configs(batches: list[int]) -> list[Config]:
+def configs(batches: list[int], policies: list[str], cost_model_row: bool = True) -> list[Config]:
     out = []
     for batch in batches:
         out += [Config("prefill", "-", batch), Config("no exit", "-", batch)]
-        for name in POLICIES:
+        for name in policies:
             out += [Config("early exit", name, batch), Config("speculative", name, batch)]
+        if cost_model_row:
+            out.append(Config("speculative", COST_MODEL, batch))
     return out
 
 
@@ -80,26 +109,45 @@ def common_row(system: str, config: Config, seconds: list[float]) -> dict:
         "mode": config.mode,
         "policy": config.policy_name,
         "batch": config.batch,
-        "draft_limit": DRAFT_LIMIT if config.mode == "speculative" else None,
+        "draft_limit": (DRAFT_LIMIT if config.policy_name in POLICIES else None)
+        if config.mode == "speculative"
+        else None,
         "seconds_median": statistics.median(seconds),
         "seconds_all": seconds,
     }
 
 
-def engine_rows(engine: Engine, prompt_ids: list[list[int]], args) -> list[dict]:
-    def run(config: Config):
-        policy = POLICIES.get(config.policy_name, ExitPolicy.disabled())
-        return engine.generate_ids(
-            prompt_ids[: config.batch],
-            1 if config.mode == "prefill" else args.new_tokens,
-            SamplingParams(),
-            stop=[],
-            policy=policy,
-            ignore_eos=True,
-            speculative=config.mode == "speculative",
-        )
+def engine_rows(
+    engine: Engine, speculative: Engine, prompt_ids: list[list[int]], args, costs: cost_model.MeasuredCosts
+) -> list[dict]:
+    """``engine`` runs the plain and given-policy rows, ``speculative`` (built with
+    ``speculative=True`` and no policy) the cost-model rows. Batch ``b`` runs ``max(b,
+    --batch1-prompts)`` prompts in groups of ``b``."""
 
-    todo = configs(args.batches)
+    def groups(batch: int) -> list[list[list[int]]]:
+        count = max(batch, args.batch1_prompts)
+        return [prompt_ids[i : i + batch] for i in range(0, count, batch)]
+
+    def run(config: Config):
+        if config.policy_name == COST_MODEL:
+            runner, policy = speculative, speculative.policy
+        else:
+            runner, policy = engine, POLICIES.get(config.policy_name, ExitPolicy.disabled())
+        return [
+            result
+            for group in groups(config.batch)
+            for result in runner.generate_ids(
+                group,
+                1 if config.mode == "prefill" else args.new_tokens,
+                SamplingParams(),
+                stop=[],
+                policy=policy,
+                ignore_eos=True,
+                speculative=config.mode == "speculative",
+            )
+        ]
+
+    todo = configs(args.batches, args.policies)
     outputs = {config: run(config) for config in todo}  # warm-up; tokens and statistics
     times: dict[Config, list[float]] = {config: [] for config in todo}
     for round_no in range(args.rounds):
@@ -113,6 +161,7 @@ def engine_rows(engine: Engine, prompt_ids: list[list[int]], args) -> list[dict]
     for config in todo:
         if config.mode == "prefill":
             continue
+        runs = len(groups(config.batch))
         prefill = statistics.median(times[Config("prefill", "-", config.batch)])
         results = outputs[config]
         reference = outputs[Config("no exit", "-", config.batch)]
@@ -124,10 +173,11 @@ def engine_rows(engine: Engine, prompt_ids: list[list[int]], args) -> list[dict]
         median = statistics.median(times[config])
         row = {
             **common_row("engine", config, times[config]),
-            "tokens_per_s": config.batch * args.new_tokens / median,
-            "tpot_ms": 1000 * median / args.new_tokens,
+            "sequences": len(results),
+            "tokens_per_s": len(results) * args.new_tokens / median,
+            "tpot_ms": 1000 * median / runs / args.new_tokens,
             "prefill_s": prefill,
-            "decode_step_ms": 1000 * (median - prefill) / (args.new_tokens - 1),
+            "decode_step_ms": 1000 * (median - prefill) / runs / (args.new_tokens - 1),
             "agreement": sum(same) / len(same),
             "identical_sequences": sum(
                 r.token_ids == t.token_ids for r, t in zip(results, reference, strict=True)
@@ -138,8 +188,30 @@ def engine_rows(engine: Engine, prompt_ids: list[list[int]], args) -> list[dict]
         if config.mode == "speculative":
             stats = sum((r.speculative for r in results), SpeculativeStats())
             row["speculative"] = stats.as_dict()
+            row["draft_share"] = stats.drafts / max(stats.drafts + stats.direct, 1)
+            if config.policy_name == COST_MODEL:
+                row["draft_limit"] = speculative.draft_limit
+                row["where_time_goes_ms_per_token"] = time_split(speculative, stats, costs, config.batch)
         rows.append(row)
     return rows
+
+
+def time_split(engine: Engine, stats: SpeculativeStats, costs: cost_model.MeasuredCosts, batch: int) -> dict:
+    """The cost model's prices applied to a row's actual counts: ms per token drafting (layers,
+    fills, draft head), verifying (layers from the draft depth, full head), and in direct full-head
+    read-outs; plus the same for plain decoding."""
+    rule = engine.policy
+    depth = rule.min_layer if rule.enabled and rule.min_layer else engine.num_layers
+    plan = cost_model.Plan(depth, len(engine.draft_head), engine.draft_confidence, engine.draft_limit)
+    counts = cost_model.ReplayCounts(
+        tokens=stats.direct + stats.verified_tokens,
+        draft_rows=stats.drafts,
+        verified_rows=stats.drafts,
+        verifications=stats.verifications,
+        direct=stats.direct,
+    )
+    split = cost_model.breakdown(costs, plan, counts, batch)
+    return {**{k: round(v, 2) for k, v in split.items()}, "plain_ms": round(costs.plain_ms(batch), 2)}
 
 
 def pipeline_rows(prompts: list[str], args) -> list[dict]:
@@ -173,7 +245,7 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
             answers = list(pool.map(lambda p: call(p, config), prompts[: config.batch]))
         return time.perf_counter() - start, answers
 
-    todo = [c for c in configs(args.batches) if c.mode != "prefill"]
+    todo = [c for c in configs(args.batches, args.policies, cost_model_row=False) if c.mode != "prefill"]
     run(todo[0])  # warm-up
     times: dict[Config, list[float]] = {config: [] for config in todo}
     answers: dict[Config, list[dict]] = {}
@@ -228,13 +300,15 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
     return rows
 
 
-def cost_probe(engine: Engine, prompt_ids: list[list[int]], repeats: int) -> dict:
-    """Median ms of one decoder layer (all 30 run, divided), the head, and a K/V fill, at 1..8 rows.
-    Every measurement is taken once per round, rounds repeated: load drift hits all alike."""
+def cost_probe(engine: Engine, prompt_ids: list[list[int]], repeats: int, ranked: list[int]) -> dict:
+    """Median ms of one decoder layer (all 30 run, divided), the head, the draft heads (the top
+    ``DRAFT_SIZES`` of ``ranked``) and a K/V fill, at ``PROBE_ROWS`` rows. Every measurement is
+    taken once per round, rounds repeated: load drift hits all alike."""
     adapter = engine.adapter
     num_layers = engine.num_layers
     layers = LayerRange(adapter, 0, num_layers)
-    ids = [p[:24] for p in prompt_ids]  # equal lengths: one right-padding-free prefill
+    width = max(PROBE_ROWS)
+    ids = [prompt_ids[i % len(prompt_ids)][:24] for i in range(width)]  # equal lengths: no padding
     slots = torch.tensor(layers.cache.allocate(len(ids)))
     with torch.inference_mode():
         layers.prefill(slots, torch.arange(24).expand(len(ids), 24), adapter.embed_tokens(torch.tensor(ids)))
@@ -253,18 +327,22 @@ def cost_probe(engine: Engine, prompt_ids: list[list[int]], repeats: int) -> dic
         hidden = torch.randn(rows, adapter.hidden_size)
         return lambda: adapter.logits(hidden).argmax(-1).tolist()
 
+    def draft_head(rows: int, size: int):
+        hidden, subset = torch.randn(rows, adapter.hidden_size), DraftHead(adapter, ranked[:size])
+        return lambda: subset.draft(hidden).tokens.tolist()
+
     exit_at_2 = ExitPolicy(1e-6, k=1, min_layer=2)  # 2 layers, then fills in 28
     default_threads = torch.get_num_threads()
+    kinds = {"full": lambda r: step(r, ExitPolicy.disabled()), "forced": lambda r: step(r, exit_at_2)}
+    kinds["head"] = head
+    for size in DRAFT_SIZES:
+        kinds[f"draft_{size}"] = lambda r, size=size: draft_head(r, size)
     with torch.inference_mode():
         work = {
-            (threads, kind, rows): fn
+            (threads, kind, rows): make(rows)
             for threads in sorted({1, default_threads})
-            for rows in (1, 2, 4, 8)
-            for kind, fn in (
-                ("full", step(rows, ExitPolicy.disabled())),
-                ("forced", step(rows, exit_at_2)),
-                ("head", head(rows)),
-            )
+            for rows in PROBE_ROWS
+            for kind, make in kinds.items()
         }
         samples: dict[tuple, list[float]] = {key: [] for key in work}
         for _ in range(repeats):
@@ -277,16 +355,183 @@ def cost_probe(engine: Engine, prompt_ids: list[list[int]], repeats: int) -> dic
     ms = {key: statistics.median(values) for key, values in samples.items()}
     probe: dict = {}
     for threads in sorted({1, default_threads}):
-        layer = {rows: ms[threads, "full", rows] / num_layers for rows in (1, 2, 4, 8)}
+        layer = {rows: ms[threads, "full", rows] / num_layers for rows in PROBE_ROWS}
         probe[f"threads_{threads}"] = {
+            "num_layers": num_layers,
             "layer_ms": layer,
-            "head_ms": {rows: ms[threads, "head", rows] for rows in (1, 2, 4, 8)},
+            "head_ms": {rows: ms[threads, "head", rows] for rows in PROBE_ROWS},
             "fill_ms": {
                 rows: (ms[threads, "forced", rows] - 2 * layer[rows]) / (num_layers - 2)
-                for rows in (1, 2, 4, 8)
+                for rows in PROBE_ROWS
+            },
+            "draft_head_ms": {
+                size: {rows: ms[threads, f"draft_{size}", rows] for rows in PROBE_ROWS}
+                for size in DRAFT_SIZES
             },
         }
     return probe
+
+
+# ---- the speculation file: ranking, draft traces, the cost model's choice ----------------------
+
+
+def calibration_answers(engine: Engine, new_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, full-depth greedy answer) for every calibration prompt (EOS ends an answer)."""
+    prompt_ids = [engine.encode(item.prompt, item.chat) for item in load_prompts("calibration")]
+    answers = []
+    for start in range(0, len(prompt_ids), 8):
+        results = engine.generate_ids(
+            prompt_ids[start : start + 8], new_tokens, SamplingParams(), [], ExitPolicy.disabled()
+        )
+        answers += [(r.prompt_token_ids, r.token_ids) for r in results]
+    return answers
+
+
+@torch.inference_mode()
+def hidden_traces(engine: Engine, answers, depths: list[int]):
+    """One HF forward per answered prompt: its token scores (count + summed probability over every
+    position), and the full-depth token after each answer position (teacher forced) with the raw
+    hidden states that predict it at each depth (layer L's from a hook: HF's last hidden state is
+    post-norm)."""
+    model = engine.loaded.model
+    vocab = engine.adapter.head.weight.shape[0]
+    captured = {}
+    hook = engine.adapter.layers[-1].register_forward_hook(lambda m, a, out: captured.update(last=out))
+    scores, per_answer = [], []
+    try:
+        for prompt, answer in answers:
+            ids = prompt + answer
+            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            logits = out.logits[0].float()
+            counts = torch.bincount(torch.tensor(ids), minlength=vocab).double()
+            scores.append(torch.softmax(logits, dim=-1).sum(0).double() + counts)
+            last = (
+                captured["last"][0] if isinstance(captured["last"], torch.Tensor) else captured["last"][0][0]
+            )
+            rows = slice(len(prompt), len(ids) - 1)  # inputs answer[0..n-2], predicting answer[1..]
+            hidden = {d: (last if d == engine.num_layers else out.hidden_states[d][0])[rows] for d in depths}
+            per_answer.append((logits[rows].argmax(-1), hidden))
+    finally:
+        hook.remove()
+    return scores, per_answer
+
+
+def draft_traces(engine: Engine, folds, depths: list[int]) -> list[cost_model.DraftTrace]:
+    """Draft traces for every size, depth and gate; ``folds`` are (ranking, answers) pairs, each
+    fold's answers drafted with its own ranking, sequences of all folds together."""
+    traces = []
+    for size in DRAFT_SIZES:
+        readouts = {depth: [] for depth in depths}
+        for ranked, per_answer in folds:
+            head = DraftHead(engine.adapter, ranked[:size])
+            for depth in depths:
+                readouts[depth] += [(truth, head.draft(hidden[depth])) for truth, hidden in per_answer]
+        for depth in depths:
+            for gate in GATES:
+                sequences = [
+                    list(zip((r.confidence >= gate).tolist(), (r.tokens == truth).tolist(), strict=True))
+                    for truth, r in readouts[depth]
+                ]
+                traces.append(cost_model.DraftTrace(depth, size, gate, sequences))
+    return traces
+
+
+def build_speculation(engine: Engine, probe_ids: list[list[int]], args) -> tuple[SpeculationFile, dict]:
+    """Rank the vocabulary, record draft traces, measure costs, let the cost model choose; returns
+    the file (not yet written) and the probe."""
+    start = time.perf_counter()
+    answers = calibration_answers(engine, args.build_new_tokens)
+    depths = [*DRAFT_DEPTHS, engine.num_layers]
+    scores, per_answer = hidden_traces(engine, answers, depths)
+    eos = sorted(engine.eos_ids)
+    ranked = rank_tokens(sum(scores), always=eos)
+    # Acceptance out of sample: each half of the answers is drafted with the ranking built from
+    # the other half (in sample, every answer token would be in the subset).
+    halves = [range(0, len(answers), 2), range(1, len(answers), 2)]
+    folds = [
+        (rank_tokens(sum(scores) - sum(scores[i] for i in half), always=eos), [per_answer[i] for i in half])
+        for half in halves
+    ]
+    traces = draft_traces(engine, folds, depths)
+    probe = cost_probe(engine, probe_ids, args.probe_repeats, ranked)
+    costs = cost_model.MeasuredCosts.from_dict(probe[f"threads_{torch.get_num_threads()}"])
+    choice = cost_model.choose(costs, traces, DRAFT_LIMITS, widths=args.batches)
+    plan = choice.plan
+    rule = (
+        None
+        if plan.draft_depth == engine.num_layers
+        else {"tau": 1e-6, "k": 1, "min_layer": plan.draft_depth}
+    )
+    settings = SpeculationSettings(plan.draft_tokens, plan.confidence, plan.draft_limit, rule)
+    details = {
+        "built_from": f"{len(answers)} calibration prompts, full-depth greedy answers of up to "
+        f"{args.build_new_tokens} tokens; scores = count + summed probability; acceptance 2-fold "
+        "out of sample (each half drafted with the other half's ranking)",
+        "build_seconds": round(time.perf_counter() - start, 1),
+        "torch_threads": torch.get_num_threads(),
+        "costs": probe[f"threads_{torch.get_num_threads()}"],
+        "choice": cost_model_report(costs, traces, choice, args.batches),
+    }
+    return SpeculationFile(engine.loaded.name, ranked, settings, details), probe
+
+
+def cost_model_report(costs, traces, choice: cost_model.Choice, widths: list[int]) -> dict:
+    """The chosen plan with its predicted speed-ups; per width the best plan; per draft depth the
+    acceptance the model gives (gate 0, chosen size; teacher forced, so an upper bound below full
+    depth), what a 1.15x (batch 1) or 1.0x (batch 8) speed-up would need at the chosen size (best
+    draft limit), and the speed-up if every draft were right."""
+    plan = choice.plan
+    predicted = {}
+    for width in widths:
+        mine = next(
+            c for c in cost_model.evaluate(costs, traces, [plan.draft_limit], width) if c.plan == plan
+        )
+        best = cost_model.evaluate(costs, traces, DRAFT_LIMITS, width)[0]
+        predicted[width] = {
+            "speedup": round(mine.speedup, 3),
+            "ms_per_token": round(mine.ms_per_token, 2),
+            "plain_ms_per_token": round(mine.plain_ms_per_token, 2),
+            "best_plan_at_this_width": {**best.plan.__dict__, "speedup": round(best.speedup, 3)},
+        }
+    depths = {}
+    for trace in traces:
+        if trace.draft_tokens != plan.draft_tokens or trace.confidence != 0.0:
+            continue
+        entry = {"acceptance_given": round(trace.acceptance, 4)}
+        for width, target in ((1, 1.15), (8, 1.0)):
+            if width not in widths:
+                continue
+            needed = [
+                cost_model.required_acceptance(
+                    costs, trace.draft_depth, plan.draft_tokens, limit, width, target
+                )
+                for limit in DRAFT_LIMITS
+            ]
+            ceiling = max(
+                costs.plain_ms(width)
+                / cost_model.fixed_chunk_ms(costs, trace.draft_depth, plan.draft_tokens, limit, 1.0, width)
+                for limit in DRAFT_LIMITS
+            )
+            # The least acceptance over the draft limits (None: no limit reaches the target), and
+            # the speed-up every draft being right would give (the best limit).
+            entry[f"batch{width}_needed_for_x{target}"] = min(
+                (a for a in needed if a is not None), default=None
+            )
+            entry[f"batch{width}_speedup_if_all_right"] = round(ceiling, 3)
+        depths[trace.draft_depth] = entry
+    chosen = next(
+        t
+        for t in traces
+        if (t.draft_depth, t.draft_tokens, t.confidence)
+        == (plan.draft_depth, plan.draft_tokens, plan.confidence)
+    )
+    return {
+        "plan": plan.__dict__,
+        "draft_share": round(chosen.share, 4),
+        "acceptance_of_confident_drafts": round(chosen.acceptance, 4),
+        "predicted": predicted,
+        "by_draft_depth": depths,
+    }
 
 
 def print_table(rows: list[dict]) -> None:
@@ -352,6 +597,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--probe-repeats", type=int, default=25)
+    parser.add_argument("--batch1-prompts", type=int, default=4, help="prompts run one at a time at batch 1")
+    parser.add_argument("--policies", nargs="*", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the speculation file")
+    parser.add_argument("--build-new-tokens", type=int, default=48)
     parser.add_argument("--pipeline", action="store_true", help="also run the modes through the pipeline")
     parser.add_argument("--pipeline-rounds", type=int, default=2)
     parser.add_argument(
@@ -364,18 +613,34 @@ def main() -> None:
 
     loaded = load_model()
     engine = Engine(loaded, ExitPolicy.disabled(), draft_limit=DRAFT_LIMIT)
-    prompt_ids = [engine.encode(p, chat=True) for p in PROMPTS]
-    rows = engine_rows(engine, prompt_ids, args)
+    heldout = [item for item in load_prompts("heldout") if item.chat]
+    prompt_ids = [engine.encode(item.prompt, chat=True) for item in heldout[: max(8, args.batch1_prompts)]]
+    calibration_ids = [engine.encode(i.prompt, i.chat) for i in load_prompts("calibration") if i.chat][:8]
+    speculation = None if args.rebuild else find_speculation(loaded.name)
+    if speculation is None:
+        speculation, probe = build_speculation(engine, calibration_ids, args)
+        path = speculation.save(packaged_calibration_dir() / speculation_file_name(loaded.name))
+        print(f"wrote {path}: {json.dumps(speculation.details['choice'], indent=1)}", flush=True)
+        engine = Engine(loaded, ExitPolicy.disabled(), draft_limit=DRAFT_LIMIT)  # with its draft head
+    else:
+        probe = cost_probe(engine, calibration_ids, args.probe_repeats, speculation.ranked_token_ids)
+    speculative = Engine(loaded, speculative=True)
+    print(f"speculative defaults: {speculative.policy_source}; {speculation.settings}", flush=True)
+    costs = cost_model.MeasuredCosts.from_dict(probe[f"threads_{torch.get_num_threads()}"])
+    rows = engine_rows(engine, speculative, prompt_ids, args, costs)
     if args.pipeline:
         rows += pipeline_rows(PROMPTS, args)
-    probe = cost_probe(engine, prompt_ids, args.probe_repeats)
     print_table(rows)
     for name, entry in probe.items():
         cells = ", ".join(f"{rows_}: {ms:.2f}" for rows_, ms in entry["layer_ms"].items())
         print(
             f"{name}: layer ms by rows {{{cells}}}; head ms at 1 row {entry['head_ms'][1]:.1f}; "
-            f"fill ms at 1 row {entry['fill_ms'][1]:.2f}"
+            f"fill ms at 1 row {entry['fill_ms'][1]:.2f}; draft heads at 1 row "
+            + ", ".join(f"{v}: {t[1]:.2f}" for v, t in entry["draft_head_ms"].items())
         )
+    for row in rows:
+        if "where_time_goes_ms_per_token" in row:
+            print(f"batch {row['batch']} cost-model split (ms/token):", row["where_time_goes_ms_per_token"])
     report = {
         "model": loaded.name,
         "num_layers": engine.num_layers,
@@ -385,6 +650,9 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "machine": platform.platform(),
         "load_average_after": os.getloadavg(),
+        "speculation_file": str(speculation.path or ""),
+        "speculation_settings": speculation.settings.__dict__,
+        "cost_model": speculation.details.get("choice"),
         "rows": rows,
         "cost_probe": probe,
     }

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sedac_ray.completion import Completion, eos_token_ids
+from sedac_ray.draft_head import DraftHead, find_speculation
 from sedac_ray.exit.probes import ExitProbes
 from sedac_ray.exit.store import calibrated_default
 from sedac_ray.exit_adapters import ExitAdapters, exit_logits
@@ -57,25 +58,36 @@ class Engine:
 
     ``speculative=True`` makes early exit lossless (:mod:`sedac_ray.speculative`): exited tokens
     are drafts, verified at full depth in batches of up to ``draft_limit`` per sequence, so the
-    output equals full-depth decoding token for token."""
+    output equals full-depth decoding token for token. When the model has a speculation file
+    (:func:`~sedac_ray.draft_head.find_speculation`), drafts are read out by its draft head, and
+    ``Engine(model, speculative=True)`` without a policy or ``draft_limit`` uses the settings the
+    cost model chose (:mod:`sedac_ray.cost_model`)."""
 
     def __init__(
         self,
         model: LoadedModel,
         policy: ExitPolicy | None = None,
         speculative: bool = False,
-        draft_limit: int = DEFAULT_DRAFT_LIMIT,
+        draft_limit: int | None = None,
         adapters: ExitAdapters | str | os.PathLike | None = None,
         probes: ExitProbes | str | os.PathLike | None = None,
     ):
         self.speculative = bool(speculative)
-        self.draft_limit = check_draft_limit(draft_limit)
         self.loaded = model
         self.tokenizer = model.tokenizer
         self.adapter = ModelAdapter(model.model)
         self.num_layers = self.adapter.num_layers
         calibration, source = calibrated_default(model.name, self.num_layers, self.adapter.dtype)
-        if policy is None:
+        speculation = find_speculation(model.name)
+        settings = speculation.settings if speculation is not None else None
+        if draft_limit is None:
+            draft_limit = settings.draft_limit if settings is not None else DEFAULT_DRAFT_LIMIT
+        self.draft_limit = check_draft_limit(draft_limit)
+        if policy is None and self.speculative and settings is not None:
+            rule = settings.exit_policy
+            policy = ExitPolicy(**rule) if rule else ExitPolicy.disabled()
+            self.policy_source = f"speculation settings {speculation.path}"
+        elif policy is None:
             policy = calibration.policy if calibration is not None else ExitPolicy.disabled()
             self.policy_source = source
         else:
@@ -97,6 +109,12 @@ class Engine:
                 f"exit adapters are for {adapters.num_layers} layers; the model has {self.num_layers}"
             )
         self.exit_adapters = adapters.to(self.adapter.device) if adapters is not None else None
+        self.draft_head = (
+            DraftHead(self.adapter, speculation.draft_token_ids(), self.exit_adapters)
+            if speculation
+            else None
+        )
+        self.draft_confidence = settings.confidence if settings is not None else 0.0
         log.info("exit policy %s (%s)", self.policy.describe(), self.policy_source)
         self.eos_ids = eos_token_ids(
             [getattr(model.model, "generation_config", None), model.model.config], model.tokenizer
@@ -200,7 +218,13 @@ class Engine:
         stats: list[SpeculativeStats | None] = [None] * batch
         if self.speculative if speculative is None else speculative:
             # Decodes every sequence to its end; the plain loop below then finds nothing to do.
-            decoder = SpeculativeDecoder(layers, self.draft_limit, draft_logits=self.exit_logits)
+            decoder = SpeculativeDecoder(
+                layers,
+                self.draft_limit,
+                draft_logits=None if self.draft_head else self.exit_logits,
+                draft_head=self.draft_head,
+                confidence=self.draft_confidence,
+            )
             stats = decoder.run(completions, slots, positions, params, rules)
         while active := [i for i, c in enumerate(completions) if not c.finished]:
             index = torch.tensor(active)

@@ -9,6 +9,14 @@ or a draft would end the completion (EOS, the token limit). The limit adapts to 
 drafts do: after each verification it is one more than the drafts just accepted in a row, at most
 ``draft_limit`` (so wrong drafts cost one draft step each, and runs of right ones grow the chunk).
 
+**Draft read-out and gating.** With a :class:`~sedac_ray.draft_head.DraftHead` (the LM head over
+the most frequent tokens only, FR-Spec), every row is read out cheaply, full-depth rows included:
+at full depth the draft is right whenever the full head's choice is in the subset, and the full
+head runs once per chunk, batched, at verification instead of once per token. The draft head's
+confidence (its softmax probability) gates drafting: a full-depth row below ``confidence`` with no
+drafts pending is read out by the full head at once (a direct token, as without a draft head); any
+other draft below it ends its chunk (verify now: later drafts would likely be wasted).
+
 **Exactness.** The K/V below a sequence's first unverified position are exact (full depth, from
 committed tokens). Draft row ``i`` of a chunk attended, at layers deeper than an earlier draft's
 exit, to that draft's propagated (approximate) K/V. So its hidden state is exact up to layer
@@ -37,6 +45,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sedac_ray.completion import Completion
+from sedac_ray.draft_head import DraftHead
 from sedac_ray.policy import RULE_WIDTH
 from sedac_ray.runtime.layer_range import LayerRange, TokenRows
 from sedac_ray.sampling import SamplingParams, choose_tokens
@@ -96,6 +105,7 @@ class _Draft:
     exit_layer: int
     exact_layer: int  # x_i: the deepest layer whose output is exact for this row
     hidden: torch.Tensor  # [hidden_size] output of exact_layer
+    confident: bool = True  # the draft head's confidence reached the gate (always, without one)
 
 
 class _Sequence:
@@ -125,17 +135,26 @@ class _Sequence:
 class SpeculativeDecoder:
     """Decodes prefilled sequences speculatively over ``layers`` (a whole-model range whose cache
     holds their prompts' K/V). ``draft_logits`` reads out drafts (default: final norm and LM head;
-    the engine passes its own exit read-out, e.g. with exit adapters); verified tokens always come
-    from the model's own head at full depth."""
+    the engine passes its own exit read-out, e.g. with exit adapters); or ``draft_head`` reads them
+    out over a token subset, gated by ``confidence`` (see the module notes). Verified tokens
+    always come from the model's own head at full depth."""
 
     def __init__(
         self,
         layers: LayerRange,
         draft_limit: int = DEFAULT_DRAFT_LIMIT,
         draft_logits: DraftLogits | None = None,
+        draft_head: DraftHead | None = None,
+        confidence: float = 0.0,
     ):
         if layers.start != 0 or not layers.is_last:
             raise ValueError("speculative decoding needs a LayerRange over the whole model")
+        if draft_logits is not None and draft_head is not None:
+            raise ValueError("give draft_logits or draft_head, not both")
+        if not 0.0 <= confidence <= 1.0:
+            raise ValueError(f"confidence must be in [0, 1], got {confidence!r}")
+        self.draft_head = draft_head
+        self.confidence = float(confidence)
         self.layers = layers
         self.adapter = layers.adapter
         self.num_layers = self.adapter.num_layers
@@ -163,15 +182,23 @@ class SpeculativeDecoder:
             )
         ]
         while active := [s for s in sequences if not s.completion.finished]:
-            self._draft_step(active)
+            direct = self._draft_step(active)
             ready = [s for s in active if self._should_verify(s)]
-            if ready:
-                self._verify(ready)
+            if ready or direct:
+                # The full head is read whole per call (memory-bound): chunks whose drafts are all
+                # full depth need only the head, so they join the call that happens anyway.
+                ready += [s for s in active if s not in ready and s.drafts and self._head_only(s)]
+                self._verify(ready, direct)
         return [s.stats for s in sequences]
+
+    def _head_only(self, sequence: _Sequence) -> bool:
+        return self.draft_head is not None and sequence.drafts[-1].exact_layer == self.num_layers
 
     # ---- draft ------------------------------------------------------------------------------
 
-    def _draft_step(self, sequences: list[_Sequence]) -> None:
+    def _draft_step(self, sequences: list[_Sequence]) -> list[tuple[_Sequence, int, torch.Tensor]]:
+        """One draft row per sequence. Returns the rows to read out with the full head (full depth
+        from an exact prefix, not confident): (sequence, position, hidden)."""
         adapter = self.adapter
         inputs = torch.tensor([s.next_input for s in sequences], device=adapter.device)
         rows = TokenRows(
@@ -184,22 +211,44 @@ class SpeculativeDecoder:
         capture = [s.capture_layer for s in sequences]
         exited, captured = self._decode_keeping(rows, capture)
         positions = exited.positions.tolist()
-        logits = self.draft_logits(exited.hidden, exited.exit_layer)
-        tokens = choose_tokens(logits, [self.params] * len(positions), positions)
+        tokens, confident = self._read_drafts(exited.hidden, exited.exit_layer, positions)
+        direct: list[tuple[_Sequence, int, torch.Tensor]] = []
         for j, (row, layer, token) in enumerate(
             zip(exited.ids.tolist(), exited.exit_layer.tolist(), tokens, strict=True)
         ):
             sequence = sequences[row]
-            if not sequence.drafts and layer == self.num_layers:
-                # Full depth from an exact prefix: this token is already what verification would give.
-                sequence.completion.add(token, layer)
-                sequence.position += 1
-                sequence.stats.direct += 1
+            if not sequence.drafts and layer == self.num_layers and not (self.draft_head and confident[j]):
+                # Full depth from an exact prefix: the full head gives what verification would give.
+                if self.draft_head is None:  # and the draft read-out was the full head already
+                    self._commit_direct(sequence, token)
+                else:
+                    direct.append((sequence, positions[j], exited.hidden[j]))
                 continue
             keep = capture[row]
             exact, hidden = (keep, captured[row]) if keep and layer > keep else (layer, exited.hidden[j])
-            sequence.drafts.append(_Draft(positions[j], token, layer, exact, hidden))
+            sequence.drafts.append(_Draft(positions[j], token, layer, exact, hidden, confident[j]))
             sequence.stats.drafts += 1
+        return direct
+
+    def _commit_direct(self, sequence: _Sequence, token: int) -> None:
+        sequence.completion.add(token, self.num_layers)
+        sequence.position += 1
+        sequence.stats.direct += 1
+
+    def _read_drafts(
+        self, hidden: torch.Tensor, exit_layers: torch.Tensor, positions: list[int]
+    ) -> tuple[list[int], list[bool]]:
+        """Draft tokens of exited rows, and whether each reached the confidence gate."""
+        params = [self.params] * len(positions)
+        if self.draft_head is None:
+            tokens = choose_tokens(self.draft_logits(hidden, exit_layers), params, positions)
+            return tokens, [True] * len(positions)
+        readout = self.draft_head.draft(hidden, exit_layers)
+        if self.params.greedy:
+            tokens = readout.tokens.tolist()
+        else:  # sampled like verified tokens (same per-position seed), over the subset
+            tokens = choose_tokens(self.draft_head.full_vocab_logits(readout.logits), params, positions)
+        return tokens, (readout.confidence >= self.confidence).tolist()
 
     def _decode_keeping(
         self, rows: TokenRows, capture: list[int]
@@ -233,28 +282,41 @@ class SpeculativeDecoder:
         last, completion = sequence.drafts[-1], sequence.completion
         return (
             len(sequence.drafts) >= sequence.limit
-            or last.exit_layer == self.num_layers
+            or not last.confident
+            # Without a draft head a full-depth draft paid the full head: verifying now wastes least.
+            or (last.exit_layer == self.num_layers and self.draft_head is None)
             or last.token in completion.eos_ids
             or len(completion.token_ids) + len(sequence.drafts) >= completion.max_tokens
         )
 
-    def _verify(self, sequences: list[_Sequence]) -> None:
+    def _verify(self, sequences: list[_Sequence], direct: list[tuple[_Sequence, int, torch.Tensor]]) -> None:
+        """Verify the drafts of ``sequences`` and read out the ``direct`` rows: one full-head call."""
         drafts = [(s, d) for s in sequences for d in s.drafts]
-        rows = TokenRows(
-            ids=torch.arange(len(drafts)),
-            slots=torch.tensor([s.slot for s, _ in drafts]),
-            positions=torch.tensor([d.position for _, d in drafts]),
-            hidden=torch.stack([d.hidden for _, d in drafts]),
-            rules=torch.zeros(len(drafts), RULE_WIDTH),  # verification never exits
+        hidden = [
+            torch.zeros(0, self.adapter.hidden_size, device=self.adapter.device, dtype=self.adapter.dtype)
+        ]
+        if drafts:
+            rows = TokenRows(
+                ids=torch.arange(len(drafts)),
+                slots=torch.tensor([s.slot for s, _ in drafts]),
+                positions=torch.tensor([d.position for _, d in drafts]),
+                hidden=torch.stack([d.hidden for _, d in drafts]),
+                rules=torch.zeros(len(drafts), RULE_WIDTH),  # verification never exits
+            )
+            hidden.append(self.layers.verify(rows, torch.tensor([d.exact_layer for _, d in drafts])).hidden)
+        if direct:
+            hidden.append(torch.stack([h for _, _, h in direct]))
+        positions = [d.position for _, d in drafts] + [p for _, p, _ in direct]
+        chosen = choose_tokens(
+            self.adapter.logits(torch.cat(hidden)), [self.params] * len(positions), positions
         )
-        full = self.layers.verify(rows, torch.tensor([d.exact_layer for _, d in drafts])).hidden
-        positions = rows.positions.tolist()
-        verified = choose_tokens(self.adapter.logits(full), [self.params] * len(drafts), positions)
         start = 0
         for sequence in sequences:
             count = len(sequence.drafts)
-            self._settle(sequence, verified[start : start + count])
+            self._settle(sequence, chosen[start : start + count])
             start += count
+        for (sequence, _, _), token in zip(direct, chosen[start:], strict=True):
+            self._commit_direct(sequence, token)
 
     def _settle(self, sequence: _Sequence, verified: list[int]) -> None:
         """Commit the drafts that match their verified tokens, then the first verified token that

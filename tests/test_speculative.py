@@ -56,7 +56,10 @@ def test_speculative_sampling_equals_full_depth_with_the_same_seed(smollm2):
 def test_plain_and_disabled_modes_carry_no_statistics(smollm2):
     engine = Engine(smollm2, ExitPolicy.disabled(), speculative=True)
     result = engine.generate(CHAT_PROMPTS[0], max_new_tokens=4, chat=True)[0]
-    assert result.speculative.drafts == 0 and result.speculative.direct == len(result.token_ids) - 1
+    stats = result.speculative
+    if engine.draft_head is None:  # without a draft head nothing exits, so nothing is drafted
+        assert stats.drafts == 0 and stats.direct == len(result.token_ids) - 1
+    assert stats.direct + stats.verified_tokens == len(result.token_ids) - 1
     assert (
         engine.generate(CHAT_PROMPTS[0], max_new_tokens=2, chat=True, speculative=False)[0].speculative
         is None
@@ -274,3 +277,242 @@ def test_pipeline_speculation_commits_exactly_the_verified_sequence(seed):
     epochs = log["rollbacks"][1:]  # the first is epoch 0
     assert all(p - 1 in wrong for p in epochs) and len(epochs) in (stats.rollbacks, stats.rollbacks - 1)
     assert stats.rollbacks > 0 and stats.accepted > 0
+
+
+# ---- draft head (FR-Spec subset read-out), confidence gating, cost model -------------------------
+
+
+def _tiny_adapter(arch: str):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import TINY_CONFIGS
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]()).eval()
+    return model, ModelAdapter(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: untied head and logit softcap
+def test_draft_head_logits_are_the_full_heads_on_its_tokens(arch):
+    from sedac_ray.draft_head import DraftHead
+    from sedac_ray.exit_adapters import ExitAdapters
+
+    model, adapter = _tiny_adapter(arch)
+    ids = torch.randperm(49152, generator=torch.Generator().manual_seed(1))[:300].tolist()
+    hidden = torch.randn(5, 64)
+    with torch.inference_mode():
+        full = model.lm_head(model.get_decoder().norm(hidden))  # HF's own modules, not ours
+        if arch == "gemma2":
+            cap = model.config.final_logit_softcapping
+            full = torch.tanh(full / cap) * cap
+        head = DraftHead(adapter, ids)
+        readout = head.draft(hidden)
+        torch.testing.assert_close(readout.logits, full[:, ids])
+        assert set(readout.tokens.tolist()) <= set(ids)
+        subset_best = full[:, ids].argmax(-1)
+        assert readout.tokens.tolist() == [ids[i] for i in subset_best.tolist()]
+        torch.testing.assert_close(readout.confidence, torch.softmax(full[:, ids], -1).max(-1).values)
+        # Exit adapters map exited rows before the subset head, as before the full head.
+        maps = {3: (torch.randn(64, 4), torch.randn(4, 64), torch.randn(64))}
+        adapters = ExitAdapters(maps, 6)
+        layers = torch.tensor([3, 3, 6, 2, 3])
+        mapped = DraftHead(adapter, ids, adapters).logits(hidden, layers)
+        torch.testing.assert_close(mapped, adapter.logits(adapters.apply(hidden, layers))[:, ids])
+        assert not torch.allclose(mapped[0], readout.logits[0])  # the adapter did change row 0
+        placed = head.full_vocab_logits(readout.logits)
+        assert placed.shape == (5, 49152) and torch.isinf(placed).sum() == 5 * (49152 - 300)
+    for bad, message in (([], "at least one"), ([1, 1], "distinct"), ([49152], "0..49151")):
+        with pytest.raises(ValueError, match=message):
+            DraftHead(adapter, bad)
+
+
+def test_rank_tokens_puts_eos_then_counts_then_ids():
+    from sedac_ray.draft_head import rank_tokens
+
+    scores = torch.zeros(12)
+    scores[[5, 7, 9, 2]] = torch.tensor([1.0, 3.0, 1.0, 0.5])
+    ranked = rank_tokens(scores, always=[2])
+    assert ranked[:4] == [2, 7, 5, 9]  # EOS, then by score (ties by id)
+    assert ranked[4:] == [0, 1, 3, 4, 6, 8, 10, 11]
+    assert sorted(ranked) == list(range(12))
+
+
+def _full_depth_choices(model, ids: list[int], prefix: list[int], params: SamplingParams) -> list[int]:
+    """Full-depth choices (greedy, or seeded sampling with the per-position generator) at each
+    position from the last prompt token on, teacher-forced on ``ids + prefix``, from HF logits."""
+    from sedac_ray.sampling import sample
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids + prefix])).logits[0]
+    positions = range(len(ids) - 1, len(ids) + len(prefix))
+    return [sample(logits[p], params, params.generator(p, logits.device)) for p in positions]
+
+
+@pytest.mark.parametrize(
+    ("arch", "confidence", "policy"),
+    [
+        ("llama", 0.0, ExitPolicy.disabled()),  # every draft from the subset head at full depth
+        ("llama", 0.5, ExitPolicy(1e-6, k=1, min_layer=3)),  # drafts from layer 3, gated
+        ("gemma2", 0.2, ExitPolicy(0.5, k=2)),  # the V7 rule, softcapped head
+    ],
+)
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_draft_head_decoding_is_lossless_batched(arch, confidence, policy, temperature):
+    """Three sequences decoded together with a small draft head (its subset holds the right token
+    only sometimes: real rollbacks): every token equals HF's full-depth choice, greedy or seeded."""
+    from sedac_ray.draft_head import DraftHead
+    from tests.conftest import hf_greedy
+
+    model, adapter = _tiny_adapter(arch)
+    layers = LayerRange(adapter, 0, adapter.num_layers)
+    prompts = [[1, 450, 4996, 17354], [1, 22172], [1, 3118, 1023, 338, 278, 7483]]
+    new_tokens = 12
+    params = SamplingParams(temperature=temperature, seed=11 if temperature else None)
+    # The subset: the first two prompts' greedy tokens and 200 others (the third's mostly missing).
+    greedy = [t for p in prompts[:2] for t in hf_greedy(model, p, new_tokens)]
+    subset = list(dict.fromkeys(greedy + list(range(1000, 1200))))
+    completions, slots = [], []
+    for ids in prompts:
+        slot, _ = prefill(adapter, layers, ids)
+        completion = Completion(tokenizer=None, max_tokens=new_tokens, eos_ids=set())
+        completion.add(_full_depth_choices(model, ids, [], params)[0], adapter.num_layers)
+        completions.append(completion)
+        slots.append(slot)
+    decoder = SpeculativeDecoder(
+        layers, draft_limit=4, draft_head=DraftHead(adapter, subset), confidence=confidence
+    )
+    stats = decoder.run(
+        completions,
+        torch.tensor(slots),
+        torch.tensor([len(p) for p in prompts]),
+        params,
+        policy.rules(len(prompts)),
+    )
+    for ids, completion in zip(prompts, completions, strict=True):
+        tokens = completion.token_ids
+        assert len(tokens) == new_tokens
+        assert tokens == _full_depth_choices(model, ids, tokens[:-1], params)
+    total_stats = sum(stats, SpeculativeStats())
+    assert total_stats.rollbacks > 0  # drafts outside the subset were caught
+    # Greedy drafts on the subset are often right; sampled ones on a random model's flat
+    # distribution rarely are (their acceptance is covered with the real model below).
+    assert total_stats.accepted > 0 or temperature
+
+
+@pytest.mark.slow
+def test_engine_speculative_defaults_are_lossless_greedy_and_sampled(smollm2):
+    """``Engine(model, speculative=True)`` with the packaged speculation file (draft head, gate,
+    limit, depth chosen by the cost model): batched greedy equals HF greedy, seeded sampling equals
+    full-depth sampling, and drafts were really made and accepted."""
+    engine = Engine(smollm2, speculative=True)
+    assert engine.draft_head is not None and "speculation settings" in engine.policy_source
+    greedy = engine.generate(CHAT_PROMPTS, max_new_tokens=MAX_NEW, chat=True)
+    for result in greedy:
+        assert result.token_ids == hf_greedy(smollm2.model, result.prompt_token_ids, MAX_NEW)
+    assert total(greedy).accepted > 0
+    kwargs = dict(max_new_tokens=12, temperature=0.7, top_p=0.9, seed=3, chat=True)
+    full = Engine(smollm2, ExitPolicy.disabled()).generate(CHAT_PROMPTS, **kwargs)
+    sampled = engine.generate(CHAT_PROMPTS, **kwargs)
+    assert [r.token_ids for r in sampled] == [r.token_ids for r in full]
+    assert total(sampled).accepted > 0
+
+
+# ---- cost model (synthetic costs and drafts) --------------------------------------------------
+
+
+def _costs(layer: float, head: float, fill: float = 0.1, draft: float = 0.5, batching: bool = True):
+    from sedac_ray.cost_model import MeasuredCosts
+
+    def flat(ms: float):  # batching nearly free up to 8 rows, then linear: a memory-bound CPU
+        return {1: ms, 8: ms * 1.2, 32: ms * 4.8}
+
+    def linear(ms: float):  # every row costs the same: compute-bound
+        return {1: ms, 8: ms * 8, 32: ms * 32}
+
+    rows = flat if batching else linear
+    return MeasuredCosts(30, rows(layer), rows(fill), flat(head), {1024: flat(draft)})
+
+
+def _trace(depth: int, wrong_every: int):
+    from sedac_ray.cost_model import DraftTrace
+
+    flags = [[(True, i % wrong_every != wrong_every - 1) for i in range(60)] for _ in range(4)]
+    return DraftTrace(depth, 1024, 0.0, flags)
+
+
+def test_replay_follows_the_decoders_rules_by_hand():
+    from sedac_ray.cost_model import replay
+
+    flags = [(True, True), (True, True), (True, False), (False, True), (True, True), (True, True)]
+    counts = replay([flags], full_depth=True, draft_limit=3)
+    # limit 1: [0] right; limit 2: [1] right, [2] wrong (committed corrected); [3] unconfident at
+    # full depth: direct; limit 2: [4], [5] right.
+    assert (counts.tokens, counts.draft_rows, counts.verified_rows) == (6, 5, 5)
+    assert (counts.verifications, counts.direct, counts.accepted) == (3, 1, 4)
+    below = replay([flags], full_depth=False, draft_limit=3)  # no direct read-out below full depth
+    assert below.direct == 0 and below.draft_rows == 6 and below.verifications == 4
+
+    from sedac_ray.cost_model import Plan, breakdown
+
+    costs = _costs(layer=1.0, head=20.0)
+    split = breakdown(costs, Plan(30, 1024, 0.5, 3), counts, 1)
+    # The direct token ran all 30 layers and the draft head before the full head.
+    assert split["direct_ms"] == pytest.approx((30 * 1.0 + 0.5 + 20.0) / 6)
+    assert split["draft_ms"] == pytest.approx(5 * (30 * 1.0 + 0.5) / 6)
+
+
+def test_cost_model_choice_follows_the_measured_costs():
+    from sedac_ray.cost_model import choose
+
+    traces = [_trace(30, 20), _trace(10, 5)]  # full depth: 95% right; layer 10: 80% right
+    limits = [1, 2, 4, 8]
+    # Batched layers nearly free: drafting at layer 10 and verifying chunks from there wins.
+    batched = choose(_costs(layer=3.0, head=1.0), traces, limits, widths=[1])
+    assert batched.plan.draft_depth == 10 and batched.speedup > 1.2
+    # Every row costs a layer in full, and the head is expensive: re-running 20 layers per draft
+    # at verification no longer pays; drafting at full depth and amortising the head does.
+    linear = choose(_costs(layer=1.0, head=20.0, batching=False), traces, limits, widths=[1])
+    assert linear.plan.draft_depth == 30 and linear.speedup > 1.1
+    assert linear.plan.draft_limit > 1  # amortising the head needs chunks
+    # A cheap head and linear layers: nothing helps; the least bad plan is still reported.
+    hopeless = choose(_costs(layer=1.0, head=0.5, batching=False), traces, limits, widths=[1])
+    assert hopeless.speedup < 1.0
+
+
+def test_required_acceptance_and_interpolation():
+    from sedac_ray.cost_model import at, fixed_chunk_ms, required_acceptance
+
+    assert at({1: 1.0, 8: 8.0}, 4) == pytest.approx(4.0)
+    assert at({1: 1.0, 8: 8.0}, 16) == pytest.approx(16.0)  # linear beyond the last width
+    costs = _costs(layer=1.0, head=20.0)
+    low = required_acceptance(costs, 30, 1024, 4, 1, 1.05)
+    high = required_acceptance(costs, 30, 1024, 4, 1, 1.2)
+    assert 0.0 < low < high < 1.0
+    plain = costs.plain_ms(1)
+    assert fixed_chunk_ms(costs, 30, 1024, 4, high, 1) == pytest.approx(plain / 1.2, rel=1e-6)
+    assert required_acceptance(costs, 30, 1024, 4, 1, 3.0) is None  # the layers alone cost more
+    with pytest.raises(ValueError, match="no draft-head cost"):
+        required_acceptance(costs, 30, 4096, 4, 1, 1.1)
+
+
+def test_speculation_file_round_trip_and_lookup(tmp_path, monkeypatch):
+    from sedac_ray.draft_head import (
+        SpeculationFile,
+        SpeculationSettings,
+        find_speculation,
+        speculation_file_name,
+    )
+
+    monkeypatch.setenv("SEDAC_CALIBRATION_DIR", str(tmp_path))
+    settings = SpeculationSettings(draft_tokens=3, confidence=0.4, draft_limit=6, exit_policy=None)
+    written = SpeculationFile("org/tiny", [5, 2, 9, 1], settings, {"note": "x"})
+    written.save(tmp_path / speculation_file_name("org/tiny"))
+    assert (tmp_path / "org--tiny.speculative.json").is_file()
+    found = find_speculation("org/tiny")
+    assert found.settings == settings and found.draft_token_ids() == [5, 2, 9]
+    assert found.draft_token_ids(2) == [5, 2] and found.details == {"note": "x"}
+    (tmp_path / "bad.speculative.json").write_text('{"model": "bad"}')
+    with pytest.raises(ValueError, match="not a sedac-ray speculation file"):
+        SpeculationFile.load(tmp_path / "bad.speculative.json")
+    with pytest.raises(ValueError, match="confidence must be in"):
+        SpeculationSettings(draft_tokens=3, confidence=1.5, draft_limit=2)
