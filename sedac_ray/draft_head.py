@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sedac_ray.calibration.store import calibration_file_name, packaged_calibration_dir, user_calibration_dir
+from sedac_ray.exit.store import calibration_file_name, packaged_calibration_dir, user_calibration_dir
 from sedac_ray.exit_adapters import ExitAdapters
 from sedac_ray.model.adapter import ModelAdapter
 
@@ -159,7 +159,8 @@ class SpeculationFile:
 
 
 def speculation_file_name(model_name: str) -> str:
-    return calibration_file_name(model_name).removesuffix(".json") + ".speculative.json"
+    # Named like a calibration file, without a dtype: the token ranking serves every dtype.
+    return calibration_file_name(model_name, "float32").removesuffix(".float32.json") + ".speculative.json"
 
 
 def find_speculation(model_name: str) -> SpeculationFile | None:
