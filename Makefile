@@ -22,10 +22,8 @@ test-fast: venv
 lint: venv
 	.venv/bin/ruff check sedac_ray tests benchmarks
 
-# docs/benchmarks.md is generated from benchmarks/results/*.json, and the simulator's inputs are
-# copied into the package; tests check both are current.
+# docs/benchmarks.md is generated from benchmarks/results/*.json; a test checks it is current.
 docs: venv
-	cp benchmarks/results/speculative_speed.json benchmarks/results/pipeline_speed.json sedac_ray/data/benchmarks/
 	.venv/bin/python benchmarks/tables.py --out docs/benchmarks.md
 
 bench: venv

@@ -1,7 +1,7 @@
 """The pipeline simulator: exact cases by hand, the speculative mode's mechanics, and its
 calibration recovering known parameters from synthetic measurements (no committed data read)."""
 
-from pathlib import Path
+import json
 
 import pytest
 
@@ -119,7 +119,9 @@ def test_gpu_scenarios_predict_all_three_modes():
         assert result["speculative"]["tpot_ms"] < result["no_exit"]["tpot_ms"]
 
 
-def test_the_packaged_simulator_inputs_are_the_committed_benchmark_results():
-    repo_results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+def test_the_packaged_simulator_inputs_load():
+    """The simulator is calibrated on a snapshot of two benchmark runs shipped as package data
+    (not the latest results: the served pipeline has changed since), so it runs from a wheel."""
     for name in INPUTS:
-        assert (RESULTS / name).read_bytes() == (repo_results / name).read_bytes(), f"{name}: run `make docs`"
+        data = json.loads((RESULTS / name).read_text())
+        assert data["rows"], name
