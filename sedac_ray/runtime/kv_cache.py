@@ -4,11 +4,13 @@ Storage is one ``[slots, kv_heads, capacity, head_dim]`` tensor pair per layer; 
 one slot for its lifetime. Two modes: *growable* (the engine: slots and capacity grow by copying
 as sequences come) and *fixed* (a serving replica: ``num_slots`` x ``capacity`` sized once from
 its KV budget, never copied, so memory use is known at start as vLLM does it). A fixed pool is
-allocated uninitialised and each slot is zeroed on its first use, so untouched slots cost no
-resident memory on a CPU. Layers see a :class:`CacheView` for the rows of the current call: its
-``update`` writes the new K/V at each row's positions and returns the rows' K/V so far, which
-is the whole protocol Hugging Face attention modules use. Shapes and dtypes come from the first
-write, so nothing here depends on the architecture.
+allocated uninitialised and each slot is zeroed as far as its calls read, so a slot costs
+resident memory on a CPU for the positions its sequences use.
+
+Layers see a :class:`CacheView` for the rows of the current call: its ``update`` writes the new
+K/V at each row's positions and returns the rows' K/V so far, which is the whole protocol Hugging
+Face attention modules use. Shapes and dtypes come from the first write, so nothing here depends
+on the architecture.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class SlotKVCache:
         self._initial_capacity = initial_capacity
         self._num_slots = num_slots or 0
         self._free: list[int] = list(reversed(range(self._num_slots)))
-        self._zeroed: set[int] = set()  # fixed pool: slots whose storage holds finite values
+        # Fixed pool: positions < _zeroed[slot] of each slot hold finite values (zeros or K/V).
+        self._zeroed: dict[int, int] = {}
 
     @property
     def capacity(self) -> int:
@@ -153,22 +156,27 @@ class SlotKVCache:
             shape = (self._num_slots, like.shape[1], self._capacity, like.shape[3])
             if self.fixed:  # pages of slots never used stay unallocated
                 self._keys[layer], self._values[layer] = like.new_empty(shape), like.new_empty(shape)
-                for slot in self._zeroed:
-                    self._keys[layer][slot].zero_()
-                    self._values[layer][slot].zero_()
+                for slot, length in self._zeroed.items():
+                    self._keys[layer][slot, :, :length].zero_()
+                    self._values[layer][slot, :, :length].zero_()
             else:
                 self._keys[layer] = like.new_zeros(shape)
                 self._values[layer] = like.new_zeros(shape)
         return self._keys[layer], self._values[layer]
 
     @torch.inference_mode()
-    def _zero_on_first_use(self, slots: list[int]) -> None:
-        # Zeros, not garbage: masked keys still enter q.k, and NaN * 0 is NaN.
+    def _zero_up_to(self, slots: list[int], length: int) -> None:
+        """Zero positions ``< length`` of each slot not zeroed yet. Zeros, not garbage: masked keys
+        still enter q.k, and NaN * 0 is NaN. Only what a call can read is touched, so a slot costs
+        resident memory for the positions its sequences use, not for its whole capacity. No real
+        K/V is lost: a write at position p happens in a call that reads p + 1 positions, which
+        zeroes that far first."""
         for slot in slots:
-            if slot not in self._zeroed:
+            done = self._zeroed.get(slot, 0)
+            if done < length:
                 for tensor in (*self._keys.values(), *self._values.values()):
-                    tensor[slot].zero_()
-                self._zeroed.add(slot)
+                    tensor[slot, :, done:length].zero_()
+                self._zeroed[slot] = length
 
     def read(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of one slot's first ``length`` positions (``[kv_heads, length, head_dim]``); for tests."""
@@ -186,7 +194,7 @@ class CacheView:
         self.key_length = int(positions.max()) + 1
         cache.reserve(self.key_length)
         if cache.fixed:
-            cache._zero_on_first_use(slot_list)
+            cache._zero_up_to(slot_list, self.key_length)
         self._slot_index = torch.tensor(slot_list, device=positions.device).unsqueeze(1)
         first = slot_list[0] if slot_list else 0
         # Rows in consecutive slots read their K/V as a view instead of a gather.
