@@ -143,3 +143,12 @@ def test_broken_serve_configs_are_named_by_file_and_field(break_it, message):
     break_it(broken)
     problems = serve_config_problems(broken, "local.yaml")
     assert any(problem.startswith(message) for problem in problems), problems
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "deployments").glob("*.yaml")), ids=lambda p: p.name)
+def test_deploy_configs_run_replicas_with_the_low_overhead_settings(path):
+    """The measured Serve settings reach every replica of the app, in every shipped config."""
+    from sedac_ray.serve.app import LOW_OVERHEAD_ENV
+
+    for app in yaml.safe_load(path.read_text())["applications"]:
+        assert app["runtime_env"]["env_vars"] == LOW_OVERHEAD_ENV, path

@@ -85,11 +85,14 @@ class LocalPipeline:
         from ray.serve.context import _get_global_client
         from ray.serve.schema import ServeDeploySchema
 
+        from sedac_ray.serve.app import LOW_OVERHEAD_ENV
+
         app = {
             "name": APP_NAME,
             "route_prefix": "/",
             "import_path": "sedac_ray.serve.app:build_app",
             "args": app_args,
+            "runtime_env": {"env_vars": LOW_OVERHEAD_ENV},
             "deployments": [{"name": name, "num_replicas": n} for name, n in (replicas or {}).items()],
         }
         client = _get_global_client()
