@@ -40,6 +40,7 @@ PROMPTS += ["What is the capital of Italy?", "Name two planets.", "Why do leaves
 INVALID_HTTP = [{"prompt": ""}, {"prompt": "hi", "max_tokens": -1}, {"prompt": "hi", "sedac": {"tau": 2}}]
 # What each kind of request may answer without having been lost.
 EXPECTED = {"invalid": {"400", "422", "INVALID_ARGUMENT"}, "grpc-cancelled": {"CANCELLED", "OK"}}
+REFUSED = {"429", "RESOURCE_EXHAUSTED"}
 KINDS = {"http": 0.3, "http-stream": 0.2, "grpc": 0.15, "grpc-cancelled": 0.15, "invalid": 0.2}
 
 
@@ -206,11 +207,15 @@ def main() -> None:
     pipeline.stop()
 
     total = sum(soak.outcomes.values())
-    lost = {
+    unexpected = {
         f"{kind} {code}": n
         for (kind, code), n in soak.outcomes.items()
         if code not in EXPECTED.get(kind, {"200", "OK"})
     }
+    # A refusal before admission (429 / RESOURCE_EXHAUSTED, with a retry hint) loses no work; any
+    # other unexpected answer is a lost request.
+    refused = {k: n for k, n in unexpected.items() if k.split()[-1] in REFUSED}
+    lost = {k: n for k, n in unexpected.items() if k not in refused}
     latencies = [x for values in soak.latency.values() for x in values]
     report = {
         "duration_s": args.duration,
@@ -221,6 +226,7 @@ def main() -> None:
         "disruptions": events,
         "lost_requests": sum(lost.values()),
         "lost_by_outcome": lost,
+        "refused_requests": sum(refused.values()),
         "mismatched_answers": soak.mismatches,
         "latency_s": {
             kind: {"n": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99)}
@@ -239,7 +245,8 @@ def main() -> None:
     for kind, row in report["latency_s"].items():
         print(f"{kind:<16}{row['n']:>6}{row['p50']:>9.2f}{row['p99']:>9.2f}")
     print(
-        f"\nrequests {total}, lost {sum(lost.values())}, mismatched answers {soak.mismatches}, p99 (all ok) "
+        f"\nrequests {total}, lost {sum(lost.values())}, refused {sum(refused.values())} (429, retry later), "
+        f"mismatched answers {soak.mismatches}, p99 (all ok) "
         f"{report['latency_all_ok_s']['p99']:.2f} s, replica RSS {sum(memory_start.values()):.0f} MiB -> "
         f"{sum(memory_end.values()):.0f} MiB (drift {report['rss_drift_mb']:+.0f} MiB), "
         f"sequences still holding KV: {sum(held)}"
