@@ -46,6 +46,7 @@ class PipelineConfig(BaseModel):
     # KV pool per stage replica, sized once at start (None: max_concurrent_requests sequences)
     kv_budget_mb: float | None = Field(512.0, gt=0)
     max_model_len: int | None = Field(None, gt=0)  # positions per sequence; None: min(model's, 2048)
+    admission_wait_s: float = Field(2.0, ge=0)  # a prefill waits this long for a KV slot, then 429
     prefill_chunk_tokens: int = Field(256, gt=0)  # a stage prefills long prompts this many tokens at a time
     max_request_bytes: int = Field(1 << 20, gt=0)  # HTTP body or gRPC message
     request_timeout_s: float = Field(300.0, gt=0)  # whole request, prefill to last token

@@ -45,7 +45,7 @@ from sedac_ray.policy import ExitPolicy
 from sedac_ray.runtime.check import checked_adapter
 from sedac_ray.serve.batcher import Batcher
 from sedac_ray.serve.config import PipelineConfig
-from sedac_ray.serve.errors import ServeError, as_serve_error
+from sedac_ray.serve.errors import Overloaded, ServeError, as_serve_error
 from sedac_ray.serve.head import load_exit_adapters, read_out
 from sedac_ray.serve.metrics import StageMetrics
 from sedac_ray.serve.routing import pin
@@ -121,6 +121,7 @@ class StageServer:
         self.prefills = Batcher(self._prefill_batch, PREFILL_BATCH, wait_s)
         self.metrics = StageMetrics(stage_index)
         self.verifications = VerifiedTokens()  # last stage: drafts' full-depth tokens
+        self._slot_freed = asyncio.Event()  # set when a release frees a KV slot
         self._sweeper: asyncio.Task | None = None
         logger.info(
             f"stage {stage_index}: layers {start + 1}..{end} on {self.config.device}, KV pool of "
@@ -138,8 +139,25 @@ class StageServer:
             await self.release([message.seq_id])
             raise
 
+    async def _admit(self, message: PrefillMessage):
+        """A KV slot for the sequence; a full pool is waited on for ``admission_wait_s`` (finished
+        sequences free their slots a batch later) before the request is refused (Overloaded)."""
+        give_up = time.monotonic() + self.config.admission_wait_s
+        while True:
+            try:
+                return self.core.admit(message.seq_id, message.max_length)
+            except Overloaded:
+                remaining = give_up - time.monotonic()
+                if remaining <= 0:
+                    raise
+                self._slot_freed.clear()
+                try:
+                    await asyncio.wait_for(self._slot_freed.wait(), remaining)
+                except asyncio.TimeoutError:  # an alias of TimeoutError from 3.11 on
+                    pass
+
     async def _prefill(self, message: PrefillMessage) -> PrefillResult:
-        sequence = self.core.admit(message.seq_id, message.max_length)
+        sequence = await self._admit(message)
         self._report_kv()
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._reclaim_orphans())
@@ -344,7 +362,8 @@ class StageServer:
     async def release(self, seq_ids: list[str]) -> int:
         """Free the KV of finished sequences; returns how many sequences this replica still holds."""
         async with self.compute_lock:  # never free a slot under a running batch
-            self.core.release(seq_ids)
+            if self.core.release(seq_ids):
+                self._slot_freed.set()
             for seq_id in seq_ids:
                 self.verifications.forget(seq_id)  # its polls see that it is gone
         self._report_kv()
