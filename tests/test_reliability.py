@@ -377,17 +377,27 @@ def stream_text(pipeline, prompt: str, max_tokens: int) -> tuple[list[int], str]
     )
 
 
-def streams_survive(pipeline, smollm2, disrupt, count: int = 16, max_tokens: int = 32) -> None:
-    """``count`` SSE streams (exits off) run while ``disrupt()`` acts once they are mid-answer:
-    every stream must end normally, with exactly full-depth greedy decoding."""
+def grpc_stream_text(pipeline, prompt: str, max_tokens: int) -> tuple[list[int], str]:
+    """Token ids and text of a gRPC ``GenerateStream`` (exits off); an error status fails the test."""
+    chunks = list(pipeline.grpc.stream(prompt, chat=True, max_tokens=max_tokens, disable_exit=True))
+    return [c.token_id for c in chunks], "".join(c.text for c in chunks)
+
+
+def streams_survive(
+    pipeline, smollm2, disrupt, count: int = 16, max_tokens: int = 32, stream=stream_text
+) -> None:
+    """``count`` streams (SSE, or gRPC with ``stream=grpc_stream_text``; exits off) run while
+    ``disrupt()`` acts once they are mid-answer: every stream must end normally, with exactly
+    full-depth greedy decoding."""
     prompts = [f"Count from {i} to {i + 20}, one number per line." for i in range(count)]
     expected = {
         p: hf_greedy(smollm2.model, chat_prompt_ids(smollm2.tokenizer, p), max_tokens) for p in prompts
     }
     with ThreadPoolExecutor(count) as pool:
-        futures = {p: pool.submit(stream_text, pipeline, p, max_tokens) for p in prompts}
+        before = sum(s["decode_rows"] for s in running_replicas(pipeline, "Stage1"))
+        futures = {p: pool.submit(stream, pipeline, p, max_tokens) for p in prompts}
         deadline = time.monotonic() + 120
-        while sum(s["decode_rows"] for s in running_replicas(pipeline, "Stage1")) < 4 * count:
+        while sum(s["decode_rows"] for s in running_replicas(pipeline, "Stage1")) < before + 4 * count:
             assert time.monotonic() < deadline, "the streams never got going"
             time.sleep(0.2)
         assert not any(f.done() for f in futures.values()), "the disruption came after the answers"
@@ -399,13 +409,16 @@ def streams_survive(pipeline, smollm2, disrupt, count: int = 16, max_tokens: int
     wait_for_kv_released(pipeline, timeout_s=60)
 
 
-def test_streams_survive_a_stage_replica_killed_mid_answer(pipeline, smollm2):
-    """SIGKILL one of Stage1's two replicas while 16 streams are mid-answer: the sequences it held
-    are replayed on the other (prompt plus committed tokens), so every stream ends normally with
-    full-depth greedy text; Serve then brings the replica back."""
-    replicas = running_replicas(pipeline, "Stage1")
-    assert len(replicas) == 2, replicas
-    streams_survive(pipeline, smollm2, lambda: os.kill(replicas[0]["pid"], signal.SIGKILL))
+@pytest.mark.parametrize("stream", [stream_text, grpc_stream_text], ids=["sse", "grpc"])
+def test_streams_survive_a_stage_replica_killed_mid_answer(pipeline, smollm2, stream):
+    """SIGKILL one of Stage1's two replicas while 16 streams (SSE, or gRPC GenerateStream) are
+    mid-answer: the sequences it held are replayed on the other (prompt plus committed tokens), so
+    every stream ends normally with full-depth greedy text; Serve then brings the replica back."""
+    deadline = time.monotonic() + 120  # the previous kill's replica may still be coming back
+    while len(replicas := running_replicas(pipeline, "Stage1")) < 2:
+        assert time.monotonic() < deadline, replicas
+        time.sleep(1)
+    streams_survive(pipeline, smollm2, lambda: os.kill(replicas[0]["pid"], signal.SIGKILL), stream=stream)
     deadline = time.monotonic() + 120  # Serve replaces the replica
     while len(running_replicas(pipeline, "Stage1")) < 2:
         assert time.monotonic() < deadline, "Stage1 did not get its second replica back"
