@@ -190,20 +190,6 @@ class ModelAdapter:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
 
-    def release_layers(self, keep: range) -> int:
-        """Drop the decoder layers outside ``keep`` so their weights are freed: a pipeline stage
-        runs only its own range, and the LM head none. Returns how many were dropped. Afterwards
-        the model's own forward no longer works. (``load_model(..., part=ModelPart(...))`` never
-        loads them in the first place, so it does not peak at the whole model.)"""
-        dropped = 0
-        for index in range(self.num_layers):
-            if index not in keep and not isinstance(self.layers[index], ReleasedLayer):
-                self.layers[index] = ReleasedLayer(index)
-                dropped += 1
-        if dropped and self.device.type == "cuda":
-            torch.cuda.empty_cache()  # hand the freed blocks back, for the KV cache and others
-        return dropped
-
     # ---- self-check ----------------------------------------------------------------------
 
     def verify(self) -> None:

@@ -36,7 +36,6 @@ class SlotKVCache:
                 )
             initial_capacity = capacity
         self._capacity = initial_capacity
-        self._initial_capacity = initial_capacity
         self._num_slots = num_slots or 0
         self._free: list[int] = list(reversed(range(self._num_slots)))
         # Fixed pool: positions < _zeroed[slot] of each slot hold finite values (zeros or K/V).
@@ -103,35 +102,6 @@ class SlotKVCache:
             while capacity < length:
                 capacity *= 2
             self._grow(num_slots=self._num_slots, capacity=capacity)
-
-    def footprint_after(self, length: int) -> tuple[int, int]:
-        """``(slots, capacity)`` of the storage once one more sequence of ``length`` positions is
-        admitted: what an admission check multiplies by the bytes per position."""
-        capacity = self._capacity
-        while capacity < length:
-            capacity *= 2
-        return self._num_slots + (0 if self._free else 1), capacity
-
-    def shrink(self, capacity: int) -> None:
-        """Give memory back: drop the free slots at the end of the storage and cut the capacity to
-        ``capacity`` positions (rounded up by doubling). The caller guarantees that no live
-        sequence holds positions beyond it. A fixed pool keeps its size."""
-        if self.fixed:
-            return
-        num_slots = self._num_slots
-        while num_slots and num_slots - 1 in self._free:
-            num_slots -= 1
-        new_capacity = self._initial_capacity
-        while new_capacity < capacity:
-            new_capacity *= 2
-        new_capacity = min(new_capacity, self._capacity)
-        if (num_slots, new_capacity) == (self._num_slots, self._capacity):
-            return
-        self._free = [slot for slot in self._free if slot < num_slots]
-        for store in (self._keys, self._values):
-            for layer, old in store.items():
-                store[layer] = old[:num_slots, :, :new_capacity].clone()
-        self._num_slots, self._capacity = num_slots, new_capacity
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self._keys.values(), *self._values.values()))

@@ -21,6 +21,16 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+async def wait_set(event: asyncio.Event, timeout_s: float) -> bool:
+    """Clear ``event`` and wait for the next ``set()``, at most ``timeout_s``; whether it came."""
+    event.clear()
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except asyncio.TimeoutError:  # an alias of TimeoutError from 3.11 on
+        return False
+    return True
+
+
 class Batcher(Generic[Item, Result]):
     def __init__(
         self,
@@ -83,10 +93,7 @@ class Batcher(Generic[Item, Result]):
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 return
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:  # an alias of TimeoutError from 3.11 on
+            if not await wait_set(self._arrived, remaining):
                 return
 
     async def _process(self, batch: list[tuple[Item, asyncio.Future]]) -> None:

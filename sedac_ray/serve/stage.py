@@ -43,7 +43,7 @@ from sedac_ray.model.loading import load_config, load_model
 from sedac_ray.model.parts import ModelPart
 from sedac_ray.policy import ExitPolicy
 from sedac_ray.runtime.check import checked_adapter
-from sedac_ray.serve.batcher import Batcher
+from sedac_ray.serve.batcher import Batcher, wait_set
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.errors import Overloaded, ServeError, as_serve_error
 from sedac_ray.serve.head import load_exit_adapters, read_out
@@ -150,11 +150,7 @@ class StageServer:
                 remaining = give_up - time.monotonic()
                 if remaining <= 0:
                     raise
-                self._slot_freed.clear()
-                try:
-                    await asyncio.wait_for(self._slot_freed.wait(), remaining)
-                except asyncio.TimeoutError:  # an alias of TimeoutError from 3.11 on
-                    pass
+                await wait_set(self._slot_freed, remaining)
 
     async def _prefill(self, message: PrefillMessage) -> PrefillResult:
         sequence = await self._admit(message)
