@@ -12,6 +12,7 @@ Prints a table, writes JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
 import statistics
@@ -55,18 +56,27 @@ def request(url: str, prompt: str, max_tokens: int, sedac: dict, stream: bool) -
     }
 
 
+def ray_processes() -> list[psutil.Process]:
+    """The processes of this benchmark's own Ray (``ray.init`` started it, so they descend from
+    this process), not those of another Ray on the machine."""
+    return psutil.Process().children(recursive=True)
+
+
 def replica_memory_mb() -> dict[str, dict[str, float]]:
     """Peak and current resident memory (MB) of each Serve replica of the app, and its
     proportional and unique set sizes, by deployment name, read from /proc (the replica's process
     title names its deployment)."""
     found: dict[str, dict[str, float]] = {}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        title = " ".join(proc.info["cmdline"] or [])
+    for proc in ray_processes():
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
         match = re.search(r"ServeReplica:sedac:([A-Za-z0-9]+)", title)
         if match is None:
             continue
         try:
-            status = Path(f"/proc/{proc.info['pid']}/status").read_text()
+            status = Path(f"/proc/{proc.pid}/status").read_text()
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
@@ -85,6 +95,25 @@ def replica_memory_mb() -> dict[str, dict[str, float]]:
             "uss_mb": full.uss / 2**20,  # pages no other process shares
         }
     return dict(sorted(found.items()))
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU time (user + system) so far of each Ray process on this machine, by role: each
+    replica by deployment, the proxy, and the rest of Ray (controller, raylet, GCS, ...)."""
+    found: dict[str, float] = {}
+    for proc in ray_processes():
+        try:
+            title, times = " ".join(proc.cmdline()), proc.cpu_times()
+        except psutil.Error:
+            continue
+        match = re.search(r"ServeReplica:sedac:([A-Za-z0-9]+)", title)
+        role = match.group(1) if match else "ProxyActor" if "ProxyActor" in title else "Ray (other)"
+        found[role] = found.get(role, 0.0) + times.user + times.system
+    return found
+
+
+def cpu_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {role: round(after[role] - before.get(role, 0.0), 2) for role in sorted(after)}
 
 
 def stage_counts(pipeline: LocalPipeline) -> list[tuple[int, int]]:
@@ -149,7 +178,7 @@ def main() -> None:
             engine_s = time.perf_counter() - start
             engine_tokens = sum(len(r.token_ids) for r in outs)
 
-            before = stage_counts(pipeline)
+            before, cpu_before = stage_counts(pipeline), cpu_seconds()
             start = time.perf_counter()
             with ThreadPoolExecutor(concurrency) as pool:
                 calls = [pool.submit(request, url, p, args.max_tokens, sedac, args.stream) for p in prompts]
@@ -157,7 +186,7 @@ def main() -> None:
             pipeline_s = time.perf_counter() - start
             tokens = sum(len(a["token_ids"]) for a in answers)
             same = sum(a["token_ids"] == r.token_ids for a, r in zip(answers, outs, strict=True))
-            after = stage_counts(pipeline)
+            after, cpu_after = stage_counts(pipeline), cpu_seconds()
             rows.append(
                 {
                     "policy": name,
@@ -172,9 +201,17 @@ def main() -> None:
                     "identical_to_engine": f"{same}/{len(answers)}",
                     # rows per decode batch in each stage, over this measurement only
                     "stage_mean_batch_rows": mean_batch_rows(counts_between(before, after)),
+                    # where the machine's CPU went during the pipeline's run (the wall time is
+                    # pipeline_s; with 2 cores, at most 2 x that is available)
+                    "pipeline_wall_s": round(pipeline_s, 2),
+                    "cpu_s": cpu_between(cpu_before, cpu_after),
                 }
             )
             print(rows[-1], flush=True)
+    # The engine's model maps the same safetensors pages as the stages; freed first, so that
+    # PSS and USS count the app's weights in the app alone.
+    del engine, loaded
+    gc.collect()
     memory = replica_memory_mb()
     pipeline.stop()
 
