@@ -10,7 +10,11 @@ stages while the deeper ones verify the last: the overlap of DESIGN §3, scheme 
 * A wrong draft is replaced by its verified token, and the steps taken from it are void: decoding
   resumes from that position with a new epoch (the position itself), which rolls the sequence
   back in each stage as the first row of the epoch gets there (no extra round trip).
-* A row that runs the whole model without exiting is exact as soon as its input is.
+* A row that runs the whole model without exiting is exact as soon as its input is, unless the
+  last stage read it out with the draft head (the engine's cheap draft read-out): then it is a
+  draft like an exited row, whose full-head verification follows the reply.
+* The draft head's confidence gates drafting as in the engine: no step goes on from a draft below
+  the gate until it is verified.
 * At most ``draft_limit`` unverified tokens are ahead of the committed ones, and one call per
   sequence collects their verifications (it returns all that are ready), so a sequence holds at
   most one waiting call at the last stage however many drafts it has in flight.
@@ -40,7 +44,8 @@ class _Pending:
     position: int  # position of the row that produced it; the token sits at position + 1
     token: int
     exit_layer: int
-    check: asyncio.Future | None  # its verification; None: it ran full depth
+    check: asyncio.Future | None  # its verification; None: exact (full depth, read out by the full head)
+    confident: bool = True  # the draft reached the draft gate: steps may go on from it
 
 
 @dataclass
@@ -106,6 +111,8 @@ class SpeculativeDecode:
             or len(self.pending) >= self.draft_limit
             or tokens >= self.completion.max_tokens
             or newest in self.completion.eos_ids
+            # Below the draft gate: step on only once it is verified (the engine ends its chunk there).
+            or (self.pending and not self.pending[-1].confident)
         ):
             return
         self._stepping_position = self.prompt_length + tokens - 1
@@ -114,7 +121,7 @@ class SpeculativeDecode:
     def _drafted(self, result: TokenResult) -> _Pending | None:
         """Queue a step's result; returns it if it is a draft."""
         position, self._stepping = self._stepping_position, None
-        if result.exit_layer >= self.num_layers:
+        if result.exit_layer >= self.num_layers and not result.draft:  # the full head's own token
             self.pending.append(_Pending(position, result.token, result.exit_layer, None))
             return None
         self.stats.drafts += 1
@@ -122,7 +129,7 @@ class SpeculativeDecode:
         if self._collector is None or self._collector.done() or self._collecting != self.epoch:
             self._collecting = self.epoch  # a stale epoch's collector ends when its call does
             self._collector = asyncio.ensure_future(self._collect(self.epoch))
-        self.pending.append(_Pending(position, result.token, result.exit_layer, check))
+        self.pending.append(_Pending(position, result.token, result.exit_layer, check, result.confident))
         return self.pending[-1]
 
     async def _collect(self, epoch: int) -> None:

@@ -15,9 +15,13 @@ chunks of at most ``prefill_chunk_tokens`` tokens per sequence: between chunks, 
 get the layers, so a long prompt holds decoding back for one chunk at a time.
 
 Speculative rows (lossless mode): a row that exits is a *draft*. Its token goes to the LM head at
-once, and the same hidden state runs on at full depth as a VERIFY row (from its exit layer to the
-end of this range, then through the deeper stages), writing exact K/V. The last stage drafts
-nothing and keeps each verified token for the front door (:meth:`StageServer.verified`). A wrong
+once (read out as the engine reads drafts: the model's draft head and its confidence gate), and
+the same hidden state runs on at full depth as a VERIFY row (from its exit layer to the end of
+this range, then through the deeper stages), writing exact K/V. At the last stage speculative
+rows run to full depth; with a draft head they are drafts too, answered from the draft head, and
+their full-head read-out (the verification) goes to the LM head after the reply, so it overlaps
+with the next step's first stages; below the gate the full head reads them out at once. The last
+stage keeps each verified token for the front door (:meth:`StageServer.verified`). A wrong
 draft makes the front door resume from the verified token with a new epoch (the position it
 rolled back to); the first row of that epoch rolls the sequence back in each stage, and rows of
 older epochs are dropped wherever they still are. Their K/V past that position is zeroed before
@@ -46,7 +50,7 @@ from sedac_ray.runtime.check import checked_adapter
 from sedac_ray.serve.batcher import Batcher, wait_set
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.errors import Overloaded, ServeError, as_serve_error
-from sedac_ray.serve.head import load_exit_adapters, read_out
+from sedac_ray.serve.head import as_verify, load_draft_reader, load_exit_adapters, read_out
 from sedac_ray.serve.metrics import StageMetrics
 from sedac_ray.serve.routing import pin
 from sedac_ray.serve.stage_core import PrefillChunk, StageCore, StageOutput, VerifiedTokens
@@ -109,6 +113,12 @@ class StageServer:
         self.next_stage, self.head = next_stage, head
         # The last stage reads out the rows that finish here, exits included, like the LM head.
         self.exit_adapters = load_exit_adapters(self.config, adapter) if next_stage is None else None
+        # ... and its speculative rows as the engine reads drafts out (draft head and gate).
+        self.drafts = (
+            load_draft_reader(self.config, adapter, self.exit_adapters) if next_stage is None else None
+        )
+        self.drafted = 0  # last stage: speculative rows answered with a draft, verified later
+        self._verifying: set[asyncio.Future] = set()  # deferred verifications in flight
         self.rows_computed = 0  # decode rows run here
         self.compute_s = 0.0  # wall time spent in decode compute
         self.compute_lock = asyncio.Lock()  # one batch at a time; the event loop stays free
@@ -260,6 +270,9 @@ class StageServer:
             answers = dict(zip(out.exited.seq_ids, read, strict=True))
             verifying = np.flatnonzero(out.exited.modes == VERIFY).tolist()
             self._keep_verified(out.exited.take(verifying), [read[i] for i in verifying])
+            drafted = [i for i, answer in enumerate(read) if answer.draft]
+            if drafted:
+                self._verify_later(out.exited.take(drafted))
             done = loop.create_future()
             done.set_result(answers)
             futures.update(dict.fromkeys(answers, done))
@@ -283,7 +296,45 @@ class StageServer:
         out = self.core.compute(rows, fill)
         if self.next_stage is not None:
             return out, None
-        return out, read_out(self.adapter, out.exited, self.exit_adapters) if len(out.exited) else []
+        if not len(out.exited):
+            return out, []
+        # Speculative rows end here at full depth: with a draft head they are drafts, read out
+        # cheaply (their full-head verification follows the reply: _verify_later). One below the
+        # gate is not drafted on, as in the engine: the full head reads it out now.
+        read = read_out(self.adapter, out.exited, self.exit_adapters, self.drafts)
+        unsure = [i for i, answer in enumerate(read) if answer.draft and not answer.confident]
+        if unsure:
+            rows_now = as_verify(out.exited.take(unsure))
+            for i, answer in zip(unsure, read_out(self.adapter, rows_now, self.exit_adapters), strict=True):
+                read[i] = answer
+        return out, read
+
+    def _verify_later(self, drafted: Rows) -> None:
+        """Full-depth tokens of drafts made here, read out by the full head after the reply (by
+        the LM-head deployment, so the next step's first stages overlap with it) and kept for
+        the front door's verification poll."""
+        self.drafted += len(drafted)
+        rows = as_verify(drafted)
+        if self.head is not None:
+            call = asyncio.ensure_future(self._await(self.head.sample.remote(rows)))
+        else:  # no LM-head deployment: read them out here, between batches
+            call = asyncio.ensure_future(self._read_here(rows))
+        self._verifying.add(call)
+
+        def keep(done: asyncio.Future) -> None:
+            self._verifying.discard(done)
+            if done.cancelled() or done.exception() is not None:
+                self._log_failure(done)
+                return
+            answers = done.result()
+            self._keep_verified(rows, [answers[seq_id] for seq_id in rows.seq_ids])
+
+        call.add_done_callback(keep)
+
+    async def _read_here(self, rows: Rows) -> dict[str, TokenResult]:
+        async with self.compute_lock:
+            read = await asyncio.to_thread(read_out, self.adapter, rows, self.exit_adapters)
+        return dict(zip(rows.seq_ids, read, strict=True))
 
     def _send_downstream(self, continuing: Rows, fill: Rows, verify: Rows) -> dict[str, asyncio.Future]:
         """One message per next-stage replica; returns seq_id -> call for the continuing rows.
@@ -336,7 +387,7 @@ class StageServer:
 
     def _log_failure(self, future: asyncio.Future) -> None:
         if not future.cancelled() and future.exception() is not None:
-            logger.error(f"stage {self.stage_index}: K/V fill downstream failed: {future.exception()!r}")
+            logger.error(f"stage {self.stage_index}: a call nobody awaits failed: {future.exception()!r}")
 
     # ---- sequence table ----------------------------------------------------------------------
 
@@ -377,6 +428,7 @@ class StageServer:
             "mean_batch_rows": self.rows_computed / max(1, self.batcher.batches),
             "prefill_batches": self.prefills.batches,
             "decode_compute_s": self.compute_s,
+            "drafted_here": self.drafted,
             "torch_threads": torch.get_num_threads(),
             "kv_slots_in_use": self.core.layers.cache.slots_in_use,
             "kv_slots": self.core.num_slots,

@@ -307,8 +307,9 @@ class StageCore:
                 hidden = unpack_hidden(rows.hidden, rows.hidden_dtype, device)
             speculative = rows.modes == SPECULATIVE
             if self.is_last and speculative.any():
-                # A draft here would overlap with nothing (its verification ends in this same
-                # step) and cost an extra read-out: run these rows at full depth instead.
+                # A draft here would overlap with nothing (its deeper layers run in this same
+                # step): run these rows at full depth; the stage may still read them out as
+                # drafts, with the draft head, and verify them with the full head after replying.
                 rows.rules = rows.rules.copy()
                 rows.rules[speculative] = ExitPolicy.disabled().rule()
                 speculative[:] = False
