@@ -156,14 +156,15 @@ def test_speculative_pipeline_equals_hf_greedy_with_drafts_accepted_and_rolled_b
 
 def test_speculative_pipeline_drafts_with_the_draft_head_and_equals_hf_greedy(pipeline, smollm2):
     """Exits off (the speculation file's chosen draft depth: full): the last stage reads rows out
-    with the draft head and answers with drafts, whose full-head verification follows; drafts below
-    the gate are read out by the full head at once. Concurrent requests equal HF greedy and
-    exits off, and drafts were made, accepted and (gated) skipped."""
+    with the draft head and answers with drafts, whose full-head verification follows the reply
+    and comes back with the next; drafts below the gate are read out by the full head at once.
+    Concurrent requests equal HF greedy and exits off, and drafts were made, accepted and (gated)
+    skipped."""
     from sedac_ray.draft_head import find_speculation
 
     assert find_speculation("smollm2-135m") is not None  # the packaged file the replicas load
     prompts = [*CHAT_PROMPTS, "Count from 1 to 5.", "Name three fruits.", "What is 2 + 2?"]
-    before = {name: _summed(pipeline.local.stats(name)) for name in ("Stage2", "LMHead")}
+    before = _summed(pipeline.local.stats("Stage2"))
 
     def both(prompt: str) -> tuple[dict, dict]:
         speculative = chat(pipeline, prompt, max_tokens=MAX_TOKENS, sedac=FULL_DEPTH_DRAFTS)
@@ -171,7 +172,7 @@ def test_speculative_pipeline_drafts_with_the_draft_head_and_equals_hf_greedy(pi
 
     with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent, so speculative rows share batches
         bodies = list(pool.map(both, prompts))
-    after = {name: _summed(pipeline.local.stats(name)) for name in ("Stage2", "LMHead")}
+    after = _summed(pipeline.local.stats("Stage2"))
     totals = dict.fromkeys(("drafts", "accepted", "rollbacks", "direct"), 0)
     for prompt, (speculative, plain) in zip(prompts, bodies, strict=True):
         choice, stats = speculative["choices"][0], speculative["usage"]["speculative"]
@@ -181,11 +182,10 @@ def test_speculative_pipeline_drafts_with_the_draft_head_and_equals_hf_greedy(pi
         assert len(choice["token_ids"]) == 1 + stats["direct"] + stats["accepted"] + stats["rollbacks"]
         for name in totals:
             totals[name] += stats[name]
-    # Drafts made at the last stage and verified by the LM head (one full-head row each), and
-    # tokens below the gate read out at once: the draft head both drafted and gated.
-    drafted = after["Stage2"]["drafted_here"] - before["Stage2"]["drafted_here"]
+    # Drafts made at the last stage (void ones too), and tokens below the gate read out by the
+    # full head at once: the draft head both drafted and gated.
+    drafted = after["drafted_here"] - before["drafted_here"]
     assert drafted >= totals["drafts"] > 0 and totals["accepted"] > 0 and totals["direct"] > 0, totals
-    assert after["LMHead"]["rows"] - before["LMHead"]["rows"] >= drafted
 
 
 def _summed(replicas: list[dict]) -> dict:

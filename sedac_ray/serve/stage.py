@@ -55,6 +55,7 @@ from sedac_ray.serve.metrics import StageMetrics
 from sedac_ray.serve.routing import pin
 from sedac_ray.serve.stage_core import PrefillChunk, StageCore, StageOutput, VerifiedTokens
 from sedac_ray.serve.transport import (
+    SPECULATIVE,
     VERIFY,
     PrefillMessage,
     PrefillResult,
@@ -118,7 +119,8 @@ class StageServer:
             load_draft_reader(self.config, adapter, self.exit_adapters) if next_stage is None else None
         )
         self.drafted = 0  # last stage: speculative rows answered with a draft, verified later
-        self._verifying: set[asyncio.Future] = set()  # deferred verifications in flight
+        self._unverified: list[Rows] = []  # those drafts, waiting for their full-head read-out
+        self._verifying: asyncio.Task | None = None  # reads them out between batches
         self.rows_computed = 0  # decode rows run here
         self.compute_s = 0.0  # wall time spent in decode compute
         self.compute_lock = asyncio.Lock()  # one batch at a time; the event loop stays free
@@ -256,11 +258,13 @@ class StageServer:
             rows = self.core.current(Rows.concat([m.rows for m in messages]))
             fill = self.core.current(Rows.concat([m.fill for m in messages]))
             rolled_back = self.core.take_rolled_back()
+            unverified = self._take_unverified()
             started = time.perf_counter()
-            out, read = await asyncio.to_thread(self._compute, rows, fill, rolled_back)
+            out, read, verified = await asyncio.to_thread(self._compute, rows, fill, rolled_back, unverified)
             self.compute_s += time.perf_counter() - started
             self.core.wrote(rows)
             self.core.wrote(fill)
+            self._keep_verified(unverified, verified)
         self.rows_computed += len(rows)
         self.metrics.batch(len(rows), self.batcher.queued)
 
@@ -273,6 +277,10 @@ class StageServer:
             drafted = [i for i, answer in enumerate(read) if answer.draft]
             if drafted:
                 self._verify_later(out.exited.take(drafted))
+            # Verifications ready here go back with the sequence's next row: no call of their own.
+            for i in np.flatnonzero(out.exited.modes == SPECULATIVE).tolist():
+                ready = self.verifications.take(out.exited.seq_ids[i], int(out.exited.epochs[i]))
+                read[i].verified = ready or None
             done = loop.create_future()
             done.set_result(answers)
             futures.update(dict.fromkeys(answers, done))
@@ -288,53 +296,54 @@ class StageServer:
         return [{s: futures[s] for s in m.rows.seq_ids} for m in messages]
 
     def _compute(
-        self, rows: Rows, fill: Rows, rolled_back: list[tuple[int, int]]
-    ) -> tuple[StageOutput, list[TokenResult] | None]:
+        self, rows: Rows, fill: Rows, rolled_back: list[tuple[int, int]], unverified: Rows
+    ) -> tuple[StageOutput, list[TokenResult] | None, list[TokenResult]]:
         """The batch through this stage's layers; the last stage also reads out every row that
-        finished (it drafts nothing, so all of them are final or verifications)."""
+        finished, and the full-depth tokens of ``unverified`` drafts in the same head call."""
         self.core.zero(rolled_back)
         out = self.core.compute(rows, fill)
         if self.next_stage is not None:
-            return out, None
-        if not len(out.exited):
-            return out, []
+            return out, None, []
+        finished = len(out.exited)
+        both = Rows.concat([out.exited, unverified])
+        if not len(both):
+            return out, [], []
         # Speculative rows end here at full depth: with a draft head they are drafts, read out
-        # cheaply (their full-head verification follows the reply: _verify_later). One below the
-        # gate is not drafted on, as in the engine: the full head reads it out now.
-        read = read_out(self.adapter, out.exited, self.exit_adapters, self.drafts)
+        # cheaply; their full-head verification comes after the reply (_verify_later). One below
+        # the gate is not drafted on, as in the engine: the full head reads it out now.
+        read = read_out(self.adapter, both, self.exit_adapters, self.drafts)
         unsure = [i for i, answer in enumerate(read) if answer.draft and not answer.confident]
         if unsure:
-            rows_now = as_verify(out.exited.take(unsure))
+            rows_now = as_verify(both.take(unsure))
             for i, answer in zip(unsure, read_out(self.adapter, rows_now, self.exit_adapters), strict=True):
                 read[i] = answer
-        return out, read
+        return out, read[:finished], read[finished:]
 
     def _verify_later(self, drafted: Rows) -> None:
-        """Full-depth tokens of drafts made here, read out by the full head after the reply (by
-        the LM-head deployment, so the next step's first stages overlap with it) and kept for
-        the front door's verification poll."""
+        """Drafts made here get their full-depth token from the full head after the reply: in the
+        next batch's read-out, or between batches when none comes first (so at one stream it
+        overlaps with the next step's first stages). The front door gets it with that
+        sequence's next reply, or from its poll (:meth:`verified`)."""
         self.drafted += len(drafted)
-        rows = as_verify(drafted)
-        if self.head is not None:
-            call = asyncio.ensure_future(self._await(self.head.sample.remote(rows)))
-        else:  # no LM-head deployment: read them out here, between batches
-            call = asyncio.ensure_future(self._read_here(rows))
-        self._verifying.add(call)
+        self._unverified.append(as_verify(drafted))
+        if self._verifying is None or self._verifying.done():
+            self._verifying = asyncio.get_running_loop().create_task(self._verify_between_batches())
 
-        def keep(done: asyncio.Future) -> None:
-            self._verifying.discard(done)
-            if done.cancelled() or done.exception() is not None:
-                self._log_failure(done)
-                return
-            answers = done.result()
-            self._keep_verified(rows, [answers[seq_id] for seq_id in rows.seq_ids])
+    def _take_unverified(self) -> Rows:
+        """The drafts still to verify, of sequences held here and not rolled back since."""
+        rows = self.core.current(Rows.concat(self._unverified))
+        self._unverified = []
+        return rows
 
-        call.add_done_callback(keep)
-
-    async def _read_here(self, rows: Rows) -> dict[str, TokenResult]:
+    async def _verify_between_batches(self) -> None:
         async with self.compute_lock:
+            rows = self._take_unverified()
+            if not len(rows):  # a batch read them out first
+                return
+            started = time.perf_counter()
             read = await asyncio.to_thread(read_out, self.adapter, rows, self.exit_adapters)
-        return dict(zip(rows.seq_ids, read, strict=True))
+            self.compute_s += time.perf_counter() - started
+        self._keep_verified(rows, read)
 
     def _send_downstream(self, continuing: Rows, fill: Rows, verify: Rows) -> dict[str, asyncio.Future]:
         """One message per next-stage replica; returns seq_id -> call for the continuing rows.

@@ -393,6 +393,11 @@ class VerifiedTokens:
         self._kept: dict[str, dict[tuple[int, int], object]] = {}  # seq -> (position, epoch) -> token
         self._changed: dict[str, asyncio.Event] = {}
 
+    def take(self, seq_id: str, epoch: int) -> dict[int, object]:
+        """Every verification of the sequence's ``epoch`` kept so far (position -> token), taken."""
+        kept = self._kept.get(seq_id, {})
+        return {p: kept.pop((p, e)) for p, e in list(kept) if e == epoch}
+
     def keep(self, seq_id: str, position: int, epoch: int, answer) -> None:
         self._kept.setdefault(seq_id, {})[(position, epoch)] = answer
         self.wake(seq_id)

@@ -149,6 +149,9 @@ class TokenResult:
     # (even at full depth: the full head was not applied), and whether it reached the draft gate.
     draft: bool = False
     confident: bool = True
+    # Last stage, speculative rows: verifications of the sequence's earlier drafts (position ->
+    # full-depth token) ready when this row finished, so the front door needs no call for them.
+    verified: dict[int, TokenResult] | None = None
 
 
 @dataclass
