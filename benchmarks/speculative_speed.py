@@ -672,6 +672,82 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+PIPELINE_TARGETS = {1: 1.1, 8: 1.0}  # the issue's targets: speed-up over exits off, by batch
+
+
+def pipeline_needed(rows: list[dict], speculation: SpeculationFile, stages: int = 3) -> list[dict]:
+    """Per batch and draft depth, what speculative decoding would need in this pipeline to reach
+    its target, from this run's measured costs (the no-exit row's time per token and compute per
+    stage) and the acceptance the model gives at that depth (the speculation file: teacher
+    forced, gate 0; the full-depth entry also has this run's, gated).
+
+    A draft from the end of stage ``k`` (depth ``10k`` of 30; the LM head reads it out) lets the
+    next step start that much sooner; at full depth (the draft head at the last stage) it saves the
+    full head's time on the path. Batch 1 is latency-bound: a right draft saves that share of the
+    time per token, a wrong one costs nothing extra at best (its void step overlaps), or a whole
+    step at full depth (the wrong draft shows only with the next reply). Batch 8 is bound by the 2
+    cores: a draft saves no work (its row still runs every layer), only, at full depth, the head
+    calls that verifications share with the next batch, and a wrong draft costs a row through
+    every stage. The acceptance needed assumes every token drafts (a lower bound: with fewer, it
+    must be higher)."""
+    details = speculation.details
+    depths = details.get("choice", {}).get("by_draft_depth", {})
+    draft_head = {
+        int(k): v
+        for k, v in details["costs"]["draft_head_ms"][str(len(speculation.draft_token_ids()))].items()
+    }
+    out = []
+    for batch, target in PIPELINE_TARGETS.items():
+        plain = next((r for r in rows if r["batch"] == batch and r["mode"] == "no exit"), None)
+        ours = next((r for r in rows if r["batch"] == batch and r["policy"] == COST_MODEL), None)
+        if plain is None:
+            continue
+        time_split = plain["where_time_goes_ms_per_token"]
+        compute = time_split["stage_compute_ms"]
+        per_token = time_split["wall_ms"]
+        head = max(0.0, compute[-1] - statistics.fmean(compute[:-1]))  # the last stage's extra: its head
+        drafting = draft_head.get(batch, draft_head[1]) / batch
+        for stage in range(1, stages + 1):
+            depth = round(stage * speculation_layers(details) / stages)
+            full_depth = stage == stages
+            if batch == 1:
+                gain = (
+                    head - drafting if full_depth else per_token * (1 - sum(compute[:stage]) / sum(compute))
+                )
+                loss = per_token if full_depth else 0.0
+            else:
+                # Verifications share the next batch's head call: about half the head per draft.
+                gain = head / 2 - drafting if full_depth else -drafting
+                loss = per_token
+            needed = (per_token - per_token / target + loss) / (gain + loss) if gain + loss > 0 else None
+            entry = {
+                "batch": batch,
+                "draft_depth": depth,
+                "drafts_from": "last stage, draft head"
+                if full_depth
+                else f"end of stage {stage - 1}, LM head",
+                "no_exit_ms_per_token": round(per_token, 2),
+                "saved_if_right_ms": round(gain, 2),
+                "lost_if_wrong_ms": round(loss, 2),
+                "speedup_if_all_right": round(per_token / (per_token - gain), 3)
+                if gain < per_token
+                else None,
+                "target": target,
+                "acceptance_needed": round(needed, 3) if needed is not None and 0 <= needed <= 1 else None,
+                "acceptance_given": depths.get(str(depth), {}).get("acceptance_given"),
+            }
+            if full_depth and ours is not None:
+                entry["acceptance_measured"] = ours["speculative"]["acceptance_rate"]
+                entry["draft_share_measured"] = ours["draft_share"]
+                entry["speedup_measured"] = ours["speedup_vs_no_exit"]
+            out.append(entry)
+    return out
+
+
+def speculation_layers(details: dict) -> int:
+    return int(details["costs"]["num_layers"])
+
+
 def pipeline_only(args) -> None:
     """The pipeline rows alone, against the packaged speculation file (built by a full run)."""
     from sedac_ray.exit.store import model_name_for_spec
@@ -696,7 +772,10 @@ def pipeline_only(args) -> None:
         "speculation_file": str(speculation.path) if speculation else None,
         "speculation_settings": speculation.settings.__dict__ if speculation else None,
         "rows": rows,
+        "needed": pipeline_needed(rows, speculation) if speculation else [],
     }
+    for entry in report["needed"]:
+        print(entry)
     out = Path(args.out or "benchmarks/results/speculative_pipeline.json")
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out}")
