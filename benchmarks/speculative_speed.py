@@ -744,6 +744,95 @@ def pipeline_needed(rows: list[dict], speculation: SpeculationFile, stages: int 
     return out
 
 
+def simulated(rows: list[dict], speculation: SpeculationFile) -> dict:
+    """The pipeline simulator's figures for this run's no-exit and draft-head rows (calibrated on
+    the committed measurements, ``sedac_ray.sim``; the draft head's cost from the speculation
+    file's probe; the measured draft share and acceptance), and the acceptance at which it
+    predicts each batch's target, at the measured draft share and with every token drafted."""
+    import dataclasses
+
+    from sedac_ray.sim.calibration import Requests, benchmark_requests, calibrated_pipeline, fit, load
+    from sedac_ray.sim.pipeline import simulate
+
+    measured, served = load()
+    model, _ = calibrated_pipeline(measured, served)
+    size = str(len(speculation.draft_token_ids()))
+    model = dataclasses.replace(model, draft_head=fit(speculation.details["costs"]["draft_head_ms"][size]))
+
+    def tokens_per_s(lengths: list[int], batch: int, share: float, acceptance: float) -> float:
+        """Requests ``batch`` at a time, as the benchmark sends them."""
+        tokens = seconds = 0.0
+        for start in range(0, len(lengths), batch):
+            group = lengths[start : start + batch]
+            requests = benchmark_requests(measured, group, model.costs.hop_ms, acceptance=acceptance)
+            workload = dataclasses.replace(requests.workload, full_depth_drafts=share)
+            mode = "speculative" if share > 0 else "no_exit"
+            _, rate = Requests(workload, requests.prefill_trip_ms).measured_as_benchmarks_do(
+                simulate(model, workload, mode)
+            )
+            group_tokens = sum(n + 1 for n in group)
+            tokens, seconds = tokens + group_tokens, seconds + group_tokens / rate
+        return tokens / seconds
+
+    figures, needed = [], []
+    for batch in sorted({r["batch"] for r in rows}):
+        plain = next(r for r in rows if r["batch"] == batch and r["mode"] == "no exit")
+        ours = next((r for r in rows if r["batch"] == batch and r["policy"] == COST_MODEL), None)
+        lengths = [len(x) for x in plain["exit_layers"]]  # decode tokens of each request
+        base = tokens_per_s(lengths, batch, 0.0, 1.0)
+        figures.append(
+            {
+                "batch": batch,
+                "mode": "no exit",
+                "measured_tokens_per_s": round(plain["tokens_per_s"], 2),
+                "simulated_tokens_per_s": round(base, 2),
+            }
+        )
+        if ours is None:
+            continue
+        stats = ours["speculative"]
+        acceptance = stats["accepted"] / stats["verifications"] if stats["verifications"] else 1.0
+        rate = tokens_per_s(lengths, batch, ours["draft_share"], acceptance)
+        figures.append(
+            {
+                "batch": batch,
+                "mode": "speculative, draft head",
+                "measured_tokens_per_s": round(ours["tokens_per_s"], 2),
+                "simulated_tokens_per_s": round(rate, 2),
+                "measured_speedup": ours["speedup_vs_no_exit"],
+                "simulated_speedup": round(rate / base, 3),
+            }
+        )
+        target = PIPELINE_TARGETS.get(batch, 1.0)
+        for share in (ours["draft_share"], 1.0):
+            low, high = 0.0, 1.0
+            if tokens_per_s(lengths, batch, share, 1.0) / base < target:
+                found = None  # not even with every draft right
+            else:
+                for _ in range(12):
+                    middle = (low + high) / 2
+                    low, high = (
+                        (middle, high)
+                        if tokens_per_s(lengths, batch, share, middle) / base < target
+                        else (low, middle)
+                    )
+                found = round(high, 3)
+            needed.append(
+                {
+                    "batch": batch,
+                    "draft_depth": speculation_layers(speculation.details),
+                    "draft_share": round(share, 4),
+                    "target": target,
+                    "simulated_speedup_if_all_right": round(
+                        tokens_per_s(lengths, batch, share, 1.0) / base, 3
+                    ),
+                    "acceptance_needed": found,
+                    "acceptance_measured": round(acceptance, 4),
+                }
+            )
+    return {"figures": figures, "needed": needed}
+
+
 def speculation_layers(details: dict) -> int:
     return int(details["costs"]["num_layers"])
 
@@ -774,7 +863,10 @@ def pipeline_only(args) -> None:
         "rows": rows,
         "needed": pipeline_needed(rows, speculation) if speculation else [],
     }
-    for entry in report["needed"]:
+    if speculation:
+        sim = simulated(rows, speculation)
+        report["simulated"], report["simulated_needed"] = sim["figures"], sim["needed"]
+    for entry in report["needed"] + report.get("simulated", []) + report.get("simulated_needed", []):
         print(entry)
     out = Path(args.out or "benchmarks/results/speculative_pipeline.json")
     out.write_text(json.dumps(report, indent=2))

@@ -19,8 +19,9 @@ once (read out as the engine reads drafts: the model's draft head and its confid
 the same hidden state runs on at full depth as a VERIFY row (from its exit layer to the end of
 this range, then through the deeper stages), writing exact K/V. At the last stage speculative
 rows run to full depth; with a draft head they are drafts too, answered from the draft head, and
-their full-head read-out (the verification) goes to the LM head after the reply, so it overlaps
-with the next step's first stages; below the gate the full head reads them out at once. The last
+their full-head read-out (the verification) follows the reply, so it overlaps with the next
+step's first stages. A batch with a row below the gate (or any row that needs the full head)
+reads every row with the full head at once, drafting none: the head costs about the same. The last
 stage keeps each verified token for the front door (:meth:`StageServer.verified`). A wrong
 draft makes the front door resume from the verified token with a new epoch (the position it
 rolled back to); the first row of that epoch rolls the sequence back in each stage, and rows of
@@ -309,14 +310,16 @@ class StageServer:
         if not len(both):
             return out, [], []
         # Speculative rows end here at full depth: with a draft head they are drafts, read out
-        # cheaply; their full-head verification comes after the reply (_verify_later). One below
-        # the gate is not drafted on, as in the engine: the full head reads it out now.
-        read = read_out(self.adapter, both, self.exit_adapters, self.drafts)
-        unsure = [i for i, answer in enumerate(read) if answer.draft and not answer.confident]
-        if unsure:
-            rows_now = as_verify(both.take(unsure))
-            for i, answer in zip(unsure, read_out(self.adapter, rows_now, self.exit_adapters), strict=True):
-                read[i] = answer
+        # cheaply, and their full-head verification comes after the reply (_verify_later). That
+        # pays only when the batch needs no full head at all: one below the gate is read out by
+        # the full head now (as in the engine), and once the full head runs for a batch, every
+        # row takes it (it is read whole per call, so a few more rows cost little; the engine's
+        # verification takes every pending draft along the same way), drafting none.
+        if self.drafts is not None and bool((both.modes == SPECULATIVE).all()):
+            read = read_out(self.adapter, both, self.exit_adapters, self.drafts)
+            if all(answer.confident for answer in read):
+                return out, read, []
+        read = read_out(self.adapter, both, self.exit_adapters)
         return out, read[:finished], read[finished:]
 
     def _verify_later(self, drafted: Rows) -> None:

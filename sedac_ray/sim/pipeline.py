@@ -42,13 +42,14 @@ exit layers; ``L`` means it never exits):
   sequence. Tokens count once verified, so time per token is what a client streaming verified
   tokens sees.
 * ``speculative`` with a draft head (``Pipeline.draft_head``), as served since the draft head:
-  ``Workload.full_depth_drafts`` of the positions that reach the last stage are drafts there,
-  read out by the draft head (its cost in the stage's batch) and sent back as a token is (the same
-  messages, without the head's compute); their full-head verification runs on the head server
-  after that, and reaches the front door with no message of its own (it travels with the
-  sequence's next reply). The other positions (below the draft gate) are read out by the full
-  head as without drafts. When nothing drafts from an early exit, speculative steps go in the
-  front door's groups, like plain ones.
+  ``Workload.full_depth_drafts`` of the positions that reach the last stage pass the draft gate
+  there. A last-stage batch whose rows all pass is read out by the draft head (its cost in the
+  stage's batch) and sent back as tokens are (the same messages, without the head's compute);
+  their full-head verification runs on the head server after that, and reaches the front door
+  with no message of its own (it travels with the sequence's next reply, or answers a poll). Any
+  other batch is read out by the full head as without drafts (the draft head's cost included).
+  When nothing drafts from an early exit, speculative steps go in the front door's groups, like
+  plain ones.
 """
 
 from __future__ import annotations
@@ -406,6 +407,16 @@ class Simulation:
             return False
         return self.mode == "speculative" or row.role == "verify" or layer <= row.exit_layer
 
+    def _undraft(self, batch: list[_Row]) -> None:
+        """The last stage's batch needs the full head (a row below the gate, or not speculative):
+        it reads every row with it, drafting none (as served)."""
+        for row in batch:
+            if row.full_draft:
+                row.full_draft = False
+                exits = self.sequences[row.seq].exits
+                if row.position in exits:
+                    exits[row.position] = (exits[row.position][0], False, True)
+
     def _verified_quietly(self, row: _Row) -> None:
         """A draft-head draft's verification is ready at the last stage: it travels with the
         sequence's next reply (the front door steps on from the draft), or answers the front
@@ -434,6 +445,8 @@ class Simulation:
         live = [r for r in batch if self._current_here(stage, r)]
         last = server.span[1]
         is_last = stage == len(self.stages) - 1
+        if is_last and self._drafts_at_last_stage and not all(r.full_draft for r in live):
+            self._undraft(live)
         onward, to_head, drafted, verify_quietly = [], [], [], []
         for row in live:
             exits_here = row.role == "decode" and row.exit_layer <= last
