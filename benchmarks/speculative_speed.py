@@ -837,6 +837,13 @@ def speculation_layers(details: dict) -> int:
     return int(details["costs"]["num_layers"])
 
 
+def repo_path(path: Path | None) -> str:
+    """A path inside this repository as it is named from the repository root."""
+    root = Path(__file__).resolve().parents[1]
+    path = Path(path or "").resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def pipeline_only(args) -> None:
     """The pipeline rows alone, against the packaged speculation file (built by a full run)."""
     from sedac_ray.exit.store import model_name_for_spec
@@ -858,7 +865,7 @@ def pipeline_only(args) -> None:
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
         "load_average_after": os.getloadavg(),
-        "speculation_file": str(speculation.path) if speculation else None,
+        "speculation_file": repo_path(speculation.path) if speculation else None,
         "speculation_settings": speculation.settings.__dict__ if speculation else None,
         "rows": rows,
         "needed": pipeline_needed(rows, speculation) if speculation else [],
