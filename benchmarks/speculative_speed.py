@@ -948,7 +948,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "machine": platform.platform(),
         "load_average_after": os.getloadavg(),
-        "speculation_file": str(speculation.path or ""),
+        "speculation_file": repo_path(speculation.path),
         "speculation_settings": speculation.settings.__dict__,
         "cost_model": speculation.details.get("choice"),
         "rows": rows,
