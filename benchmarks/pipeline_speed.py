@@ -56,8 +56,9 @@ def request(url: str, prompt: str, max_tokens: int, sedac: dict, stream: bool) -
 
 
 def replica_memory_mb() -> dict[str, dict[str, float]]:
-    """Peak and current resident memory (MB) of each Serve replica of the app, by deployment
-    name, read from /proc (the replica's process title names its deployment)."""
+    """Peak and current resident memory (MB) of each Serve replica of the app, and its
+    proportional and unique set sizes, by deployment name, read from /proc (the replica's process
+    title names its deployment)."""
     found: dict[str, dict[str, float]] = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         title = " ".join(proc.info["cmdline"] or [])
@@ -71,9 +72,17 @@ def replica_memory_mb() -> dict[str, dict[str, float]]:
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         name = match.group(1)
         suffix = f"#{sum(k.startswith(name) for k in found)}" if name in found else ""
+        try:
+            full = proc.memory_full_info()
+        except psutil.Error:
+            continue
         found[name + suffix] = {
             "peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024,
             "rss_mb": int(fields["VmRSS"].split()[0]) / 1024,
+            # RSS counts the shared libraries (torch, Ray) in every process that maps them; PSS
+            # splits shared pages among their users, so PSS adds up to what the app holds.
+            "pss_mb": full.pss / 2**20,
+            "uss_mb": full.uss / 2**20,  # pages no other process shares
         }
     return dict(sorted(found.items()))
 
@@ -197,9 +206,12 @@ def main() -> None:
             indent=2,
         )
     )
-    print(
-        "\npeak RSS per replica (MB): " + ", ".join(f"{k} {v['peak_rss_mb']:.0f}" for k, v in memory.items())
-    )
+    for field in ("peak_rss_mb", "pss_mb", "uss_mb"):
+        print(
+            f"\n{field} per replica: "
+            + ", ".join(f"{k} {v[field]:.0f}" for k, v in memory.items())
+            + f"; app total {sum(v[field] for v in memory.values()):.0f}"
+        )
     print(f"\nwrote {out}")
 
 

@@ -18,10 +18,20 @@ from sedac_ray.serve.generated import sedac_pb2, sedac_pb2_grpc
 
 
 class SedacClient:
-    def __init__(self, target: str = "127.0.0.1:9000", api_key: str | None = None, timeout_s: float = 300.0):
+    def __init__(
+        self,
+        target: str = "127.0.0.1:9000",
+        api_key: str | None = None,
+        timeout_s: float = 300.0,
+        application: str | None = None,
+    ):
+        """``application``: the Serve application to call, needed where the cluster runs more
+        than one (Serve's gRPC proxy routes on this metadata)."""
         self.channel = grpc.insecure_channel(target)
         self.stub = sedac_pb2_grpc.SedacServiceStub(self.channel)
         self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
+        if application is not None:
+            self.metadata.append(("application", application))
         self.timeout_s = timeout_s
 
     @staticmethod

@@ -18,7 +18,7 @@ from sedac_ray.model.loading import (
 )
 from sedac_ray.model.parts import ModelPart
 from sedac_ray.runtime.layer_range import LayerRange
-from tests.conftest import TINY_CONFIGS
+from tests.conftest import TINY_CONFIGS, hf_greedy
 
 
 def test_unknown_spec_lists_what_is_accepted():
@@ -217,6 +217,35 @@ def test_bf16_part_loads_on_cpu_and_matches_a_bf16_whole_load(sharded):
     hidden = layers.prefill(torch.tensor(layers.cache.allocate(1)), positions, reference[2])
     assert hidden.dtype == torch.bfloat16
     torch.testing.assert_close(hidden, reference[4], atol=2e-2, rtol=2e-2, msg=arch)
+
+
+def test_bf16_loads_keep_the_buffers_that_from_pretrained_keeps(sharded):
+    """Whole and partial bf16 loads hold what ``from_pretrained(dtype=bf16)`` holds: bf16
+    parameters, and buffers in the dtype the model built them in (RoPE's ``inv_freq`` stays
+    float32; rounded to bf16 it shifts every position's angle and changes greedy output)."""
+    arch, _, directory, _ = sharded
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+    expected = {name: buffer.dtype for name, buffer in reference.named_buffers()}
+    assert torch.float32 in expected.values(), "no float32 buffer: this case shows nothing"
+    for part in (None, ModelPart(range(2, 4))):
+        loaded = load_model(str(directory), dtype="bf16", part=part).model
+        held = {n: b.dtype for n, b in loaded.named_buffers() if b.device.type != "meta"}
+        assert "model.rotary_emb.inv_freq" in held
+        assert held == (expected if part is None else {n: expected[n] for n in held}), arch
+        assert {p.dtype for p in loaded.parameters() if p.device.type != "meta"} == {torch.bfloat16}
+
+
+@pytest.mark.slow
+def test_the_engine_in_bf16_equals_hf_greedy_in_bf16(smollm2):
+    """bf16 end to end against Hugging Face's own bf16 model (``from_pretrained(dtype=bf16)``)."""
+    from sedac_ray import Engine, ExitPolicy
+
+    hf = AutoModelForCausalLM.from_pretrained(cache_dir() / "smollm2-135m-instruct", dtype=torch.bfloat16)
+    engine = Engine(load_model(dtype="bfloat16"))
+    prompts = ["The three primary colors are", "def fibonacci(n):"]
+    results = engine.generate(prompts, max_new_tokens=12, policy=ExitPolicy.disabled())
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.token_ids == hf_greedy(hf, smollm2.tokenizer(prompt)["input_ids"], 12), prompt
 
 
 def test_bad_parts_are_refused_clearly(sharded):

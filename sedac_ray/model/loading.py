@@ -175,7 +175,8 @@ def load_model(
         if part is not None:
             _log(f"{name}: no safetensors checkpoint to read from; loading it whole, then keeping {part}")
             restrict(model, part)
-        model = model.to(device=device, dtype=torch_dtype)
+        cast_parameters(model, torch_dtype)
+        model = model.to(device=device)
     if part is not None:
         tokenizer = None  # a part only computes (the front door tokenizes); a tokenizer costs ~100 MB
     elif tokenizer is None:
@@ -189,6 +190,15 @@ def load_model(
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, part=part, keys_read=keys_read, files_read=files_read
     )
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Floating-point parameters to ``dtype``; buffers stay as the model built them, as with
+    ``from_pretrained(dtype=...)``. ``model.to(dtype)`` would also round RoPE's float32
+    ``inv_freq`` to bf16, which moves every position's angle and changes bf16 greedy output."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def _open_spec(spec: str, dtype: torch.dtype, partial: bool):

@@ -125,12 +125,15 @@ class StageServer:
         self.rows_computed = 0  # decode rows run here
         self.compute_s = 0.0  # wall time spent in decode compute
         self.compute_lock = asyncio.Lock()  # one batch at a time; the event loop stays free
-        # Stage 0 gathers single-sequence steps; deeper stages get whole batches, so waiting for
-        # company there only adds latency.
+        # Decode steps come as whole batches (the front door merges its sequences' steps into
+        # one message per replica), so a lone step has no company to wait for: waiting would add
+        # batch_wait_timeout_s to every token. Steps that arrive while a batch computes still
+        # merge into the next one.
+        self.batcher = Batcher(self.step_batch, self.config.max_batch_size, 0.0)
+        # Prompts arrive one request at a time: stage 0 waits a moment for concurrent ones. At
+        # most PREFILL_BATCH prompt chunks share a batch, so a batch (and the wait it imposes on
+        # decoding) stays bounded by PREFILL_BATCH x prefill_chunk_tokens tokens.
         wait_s = self.config.batch_wait_timeout_s if stage_index == 0 else 0.0
-        self.batcher = Batcher(self.step_batch, self.config.max_batch_size, wait_s)
-        # At most this many prompt chunks share one prefill batch, so a batch (and the wait it
-        # imposes on decoding) stays bounded by PREFILL_BATCH x prefill_chunk_tokens tokens.
         self.prefills = Batcher(self._prefill_batch, PREFILL_BATCH, wait_s)
         self.metrics = StageMetrics(stage_index)
         self.verifications = VerifiedTokens()  # last stage: drafts' full-depth tokens
