@@ -110,9 +110,12 @@ def test_drafts_from_the_draft_head_at_the_last_stage_take_the_head_off_the_path
     assert right.tpot_ms == pytest.approx(none.tpot_ms - 10.0 + 1.0 + 5.0 / 40)
     wrong = simulate(pipeline, Workload(1, 40, acceptance=0.0, full_depth_drafts=1.0), "speculative")
     assert wrong.accepted == 0 and wrong.rows_wasted > 0 and wrong.tpot_ms > 1.5 * none.tpot_ms
-    # Every draft below the gate: no exit, plus the draft head that read each row.
+    # Nothing passes the gate: the draft head is not even tried, so exactly no exit.
     gated = simulate(pipeline, Workload(1, 40, acceptance=1.0, full_depth_drafts=0.0), "speculative")
-    assert gated.tpot_ms == pytest.approx(none.tpot_ms + 1.0) and gated.drafts_verified == 0
+    assert gated.tpot_ms == pytest.approx(none.tpot_ms) and gated.drafts_verified == 0
+    # Half pass: tried at one row (0.5 * 10 ms >= 1 ms), so about half the tokens spare the head.
+    half = simulate(pipeline, Workload(1, 40, acceptance=1.0, full_depth_drafts=0.5, seed=3), "speculative")
+    assert 0 < half.drafts_verified < 40 and right.tpot_ms < half.tpot_ms < none.tpot_ms + 1.0
     # No draft head: exactly no exit.
     plain = simulate(Pipeline(30, 3, COSTS), Workload(1, 40, full_depth_drafts=1.0), "speculative")
     assert plain.tpot_ms == pytest.approx(none.tpot_ms) and plain.drafts_verified == 0

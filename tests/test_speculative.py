@@ -398,6 +398,25 @@ def test_served_read_out_drafts_speculative_rows_with_the_engines_draft_read_out
     assert [served[i].token for i in picked] == engine and set(engine) <= set(ids)
 
 
+def test_last_stage_drafts_a_batch_only_when_the_draft_head_may_spare_the_full_head():
+    """A 300-token draft head of a 49152-token head costs 1/163.84 of it: a batch of n rows is
+    worth a draft read while pass_rate ** n * 163.84 >= 1. The rate starts at the file's share and
+    follows the rows read."""
+    from sedac_ray.draft_head import DraftHead, DraftReader
+    from sedac_ray.serve.head import DraftOdds
+
+    _, adapter = _tiny_adapter("llama")
+    reader = DraftReader(DraftHead(adapter, range(300)), 0.5)
+    odds = DraftOdds(reader, 49152, start=0.5)
+    assert odds.pass_rate == 0.5
+    assert [odds.worth(n) for n in (1, 7, 8)] == [True, True, False]  # 0.5**7 * 163.84 = 1.28
+    odds.saw([False] * 60)  # 10 of 80 rows passed, with the 20 the start weighs as
+    assert odds.pass_rate == pytest.approx(10 / 80)
+    assert odds.worth(2) and not odds.worth(3)  # (1/8)**2 * 163.84 = 2.56; (1/8)**3 = 0.32
+    odds.saw([True] * 920)
+    assert odds.pass_rate == pytest.approx(930 / 1000) and odds.worth(8)
+
+
 def test_rank_tokens_puts_eos_then_counts_then_ids():
     from sedac_ray.draft_head import rank_tokens
 

@@ -33,7 +33,7 @@ class HeadServer:
         loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype, part=part)
         self.adapter = checked_adapter(loaded.model)
         self.exit_adapters = load_exit_adapters(self.config, self.adapter)
-        self.drafts = load_draft_reader(self.config, self.adapter, self.exit_adapters)
+        self.drafts, _ = load_drafts(self.config, self.adapter, self.exit_adapters)
         self.rows_read = 0  # rows read out here
         self.compute_s = 0.0  # wall time spent reading out
         # Exit groups arrive as whole batches from the stages: no waiting for company.
@@ -61,20 +61,51 @@ class HeadServer:
         return {"rows": self.rows_read, "batches": self.batcher.batches, "compute_s": self.compute_s}
 
 
+class DraftOdds:
+    """Whether a batch of ``n`` speculative rows that would otherwise take the full head is worth
+    reading with the draft head first (the pipeline's last stage). It saves the full head only if
+    every row passes the gate, and the full head costs about ``vocab / V`` draft heads (both read
+    their whole weight per call: FR-Spec), so it pays when ``pass_rate ** n * vocab / V >= 1``:
+    at one stream, yes; in a batch of 8 at a pass rate near one half, no. The pass rate is the
+    share of rows read so far that passed, starting from the speculation file's measured share."""
+
+    PRIOR_ROWS = 20  # how many rows the starting share weighs as
+
+    def __init__(self, drafts: DraftReader, vocab: int, start: float):
+        self.ratio = vocab / len(drafts.head)
+        self.start = start
+        self.seen = self.passed = 0
+
+    @property
+    def pass_rate(self) -> float:
+        return (self.passed + self.PRIOR_ROWS * self.start) / (self.seen + self.PRIOR_ROWS)
+
+    def worth(self, rows: int) -> bool:
+        return self.pass_rate**rows * self.ratio >= 1.0
+
+    def saw(self, passed: list[bool]) -> None:
+        self.seen += len(passed)
+        self.passed += sum(passed)
+
+
 def as_verify(rows: Rows) -> Rows:
     """The rows as VERIFY rows: the full head reads them out (their full-depth verification)."""
     rows.modes = np.full(len(rows), VERIFY, np.int8)
     return rows
 
 
-def load_draft_reader(
+def load_drafts(
     config: PipelineConfig, adapter: ModelAdapter, exit_adapters: ExitAdapters | None
-) -> DraftReader | None:
+) -> tuple[DraftReader | None, DraftOdds | None]:
     """Speculative drafts' read-out for a part holding the final norm and LM head: the model's
-    draft head and gate from its speculation file, found and built as the engine does."""
-    if not config.draft_head:
-        return None
-    return draft_reader(adapter, find_speculation(model_name_for_spec(config.model)), exit_adapters)
+    draft head and gate from its speculation file, found and built as the engine does; and the
+    odds that a batch drafts (from the file's measured share of drafted tokens)."""
+    speculation = find_speculation(model_name_for_spec(config.model)) if config.draft_head else None
+    drafts = draft_reader(adapter, speculation, exit_adapters)
+    if drafts is None:
+        return None, None
+    share = speculation.details.get("choice", {}).get("draft_share", 0.5)
+    return drafts, DraftOdds(drafts, adapter.head.weight.shape[0], share)
 
 
 def load_exit_adapters(config: PipelineConfig, adapter: ModelAdapter) -> ExitAdapters | None:

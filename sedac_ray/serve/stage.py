@@ -51,7 +51,7 @@ from sedac_ray.runtime.check import checked_adapter
 from sedac_ray.serve.batcher import Batcher, wait_set
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.errors import Overloaded, ServeError, as_serve_error
-from sedac_ray.serve.head import as_verify, load_draft_reader, load_exit_adapters, read_out
+from sedac_ray.serve.head import as_verify, load_drafts, load_exit_adapters, read_out
 from sedac_ray.serve.metrics import StageMetrics
 from sedac_ray.serve.routing import pin
 from sedac_ray.serve.stage_core import PrefillChunk, StageCore, StageOutput, VerifiedTokens
@@ -116,8 +116,8 @@ class StageServer:
         # The last stage reads out the rows that finish here, exits included, like the LM head.
         self.exit_adapters = load_exit_adapters(self.config, adapter) if next_stage is None else None
         # ... and its speculative rows as the engine reads drafts out (draft head and gate).
-        self.drafts = (
-            load_draft_reader(self.config, adapter, self.exit_adapters) if next_stage is None else None
+        self.drafts, self.draft_odds = (
+            load_drafts(self.config, adapter, self.exit_adapters) if next_stage is None else (None, None)
         )
         self.drafted = 0  # last stage: speculative rows answered with a draft, verified later
         self._unverified: list[Rows] = []  # those drafts, waiting for their full-head read-out
@@ -318,8 +318,14 @@ class StageServer:
         # the full head now (as in the engine), and once the full head runs for a batch, every
         # row takes it (it is read whole per call, so a few more rows cost little; the engine's
         # verification takes every pending draft along the same way), drafting none.
-        if self.drafts is not None and bool((both.modes == SPECULATIVE).all()):
+        # The draft head's read is skipped where it would rarely spare the full head (DraftOdds).
+        if (
+            self.drafts is not None
+            and bool((both.modes == SPECULATIVE).all())
+            and self.draft_odds.worth(len(both))
+        ):
             read = read_out(self.adapter, both, self.exit_adapters, self.drafts)
+            self.draft_odds.saw([answer.confident for answer in read])
             if all(answer.confident for answer in read):
                 return out, read, []
         read = read_out(self.adapter, both, self.exit_adapters)

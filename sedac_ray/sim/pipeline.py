@@ -43,8 +43,9 @@ exit layers; ``L`` means it never exits):
   tokens sees.
 * ``speculative`` with a draft head (``Pipeline.draft_head``), as served since the draft head:
   ``Workload.full_depth_drafts`` of the positions that reach the last stage pass the draft gate
-  there. A last-stage batch whose rows all pass is read out by the draft head (its cost in the
-  stage's batch) and sent back as tokens are (the same messages, without the head's compute);
+  there. A last-stage batch is read by the draft head first (its cost in the stage's batch) when
+  ``share ** rows`` times the head's cost pays for it, as served; if its rows all pass, they are
+  sent back as tokens are (the same messages, without the head's compute);
   their full-head verification runs on the head server after that, and reaches the front door
   with no message of its own (it travels with the sequence's next reply, or answers a poll). Any
   other batch is read out by the full head as without drafts (the draft head's cost included).
@@ -392,7 +393,7 @@ class Simulation:
         first, last = server.span
         # The engine reads every row's token in the same step (rows leaving the range).
         total = costs.head(sum(r.role != "fill" for r in batch)) if self.pipeline.fused_head else 0.0
-        if self._drafts_at_last_stage and server is self.stages[-1]:
+        if server is self.stages[-1] and self._tries_drafts(sum(r.role == "decode" for r in batch)):
             total += self.pipeline.draft_head(sum(r.role == "decode" for r in batch))  # reads every row
         for layer in range(first, last + 1):
             full = sum(self._runs(row, layer) for row in batch)
@@ -406,6 +407,14 @@ class Simulation:
         if row.role == "fill":
             return False
         return self.mode == "speculative" or row.role == "verify" or layer <= row.exit_layer
+
+    def _tries_drafts(self, rows: int) -> bool:
+        """Whether the last stage reads a batch of ``rows`` with the draft head first: only where
+        that may spare the full head often enough to pay for itself (``DraftOdds`` as served)."""
+        if not self._drafts_at_last_stage or rows == 0:
+            return False
+        share = self.workload.full_depth_drafts
+        return share**rows * self.costs.head(rows) >= self.pipeline.draft_head(rows)
 
     def _undraft(self, batch: list[_Row]) -> None:
         """The last stage's batch needs the full head (a row below the gate, or not speculative):
@@ -445,7 +454,8 @@ class Simulation:
         live = [r for r in batch if self._current_here(stage, r)]
         last = server.span[1]
         is_last = stage == len(self.stages) - 1
-        if is_last and self._drafts_at_last_stage and not all(r.full_draft for r in live):
+        tries = is_last and self._tries_drafts(sum(r.role == "decode" for r in batch))
+        if is_last and self._drafts_at_last_stage and not (tries and all(r.full_draft for r in live)):
             self._undraft(live)
         onward, to_head, drafted, verify_quietly = [], [], [], []
         for row in live:
