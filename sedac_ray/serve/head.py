@@ -1,6 +1,6 @@
 """The LM-head deployment: final norm, LM head and sampling for tokens that exit before the last
-stage (the last stage reads out its own rows with :func:`read_out`); speculative drafts read out
-by the draft head; and the full-head verification of drafts the last stage made at full depth."""
+stage (the last stage reads out its own rows with :func:`read_out`, and verifies the drafts it
+makes at full depth itself); speculative drafts from early exits are read out by the draft head."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def load_drafts(
     drafts = draft_reader(adapter, speculation, exit_adapters)
     if drafts is None:
         return None, None
-    share = speculation.details.get("choice", {}).get("draft_share", 0.5)
+    share = speculation.details.get("choice", {}).get("draft_share", 0.5)  # unmeasured: even odds
     return drafts, DraftOdds(drafts, adapter.head.weight.shape[0], share)
 
 
