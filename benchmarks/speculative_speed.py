@@ -25,14 +25,21 @@ default number of torch threads, and the K/V fill of exited tokens: the per-laye
 pipeline simulator is calibrated with, and the cost model's input.
 
 With ``--pipeline`` the same modes also run through the 3-stage Ray Serve pipeline on a local
-Ray (2 CPUs), as concurrent HTTP requests (rows with ``system: "pipeline"``). EOS ends those
-requests (the API has no ignore-EOS switch), so their throughput counts the tokens produced, and
-agreement is against the pipeline's own no-exit run (itself equal to HF greedy, see the tests).
+Ray (2 CPUs), as concurrent HTTP requests (rows with ``system: "pipeline"``), on the same held-out
+chat prompts (batch ``b``: ``max(b, --batch1-prompts)`` prompts, ``b`` at a time). The cost-model
+row there is a speculative request at the speculation file's draft depth (full depth: exits off),
+so every draft comes from the draft head at the last stage, gated by its confidence, and its
+full-head verification runs in the LM-head deployment after the reply. EOS ends those requests
+(the API has no ignore-EOS switch), so their throughput counts the tokens produced, and agreement
+is against the pipeline's own no-exit run (itself equal to HF greedy, see the tests). Each
+pipeline row also says where time goes: per token, each stage's decode compute and the LM head's,
+from the replicas' own counters over the row's runs. ``--pipeline-only`` skips the engine rows
+and the speculation file (it writes ``speculative_pipeline.json`` unless ``--out`` says otherwise).
 
 Prints a table, writes JSON and a plot.
 
     .venv/bin/python benchmarks/speculative_speed.py [--rounds 3] [--new-tokens 48] [--pipeline] [--out PATH]
-        [--rebuild] [--policies NAME ...]
+        [--rebuild] [--policies NAME ...] [--pipeline-only]
 """
 
 from __future__ import annotations
@@ -49,7 +56,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from engine_speed import PROMPTS  # the pipeline rows' prompts, as in the other benchmarks
 from pipeline_speed import PIPELINE_ARGS, counts_between, mean_batch_rows, stage_counts  # same app
 
 from sedac_ray import Engine, ExitPolicy, cost_model, load_model
@@ -214,8 +220,48 @@ def time_split(engine: Engine, stats: SpeculativeStats, costs: cost_model.Measur
     return {**{k: round(v, 2) for k, v in split.items()}, "plain_ms": round(costs.plain_ms(batch), 2)}
 
 
-def pipeline_rows(prompts: list[str], args) -> list[dict]:
-    """The same modes through the served pipeline; rounds interleaved, medians reported."""
+def pipeline_work(pipeline) -> dict:
+    """Counters of every replica so far: per stage (decode rows, batches, compute seconds), the
+    LM head's (rows, compute seconds), and the drafts the last stage made."""
+    stages = [s for name in ("Stage0", "Stage1", "Stage2") for s in pipeline.stats(name)]
+    (head,) = pipeline.stats("LMHead")
+    return {
+        "stage_compute_s": [s["decode_compute_s"] for s in stages],
+        "head_compute_s": head["compute_s"],
+        "head_rows": head["rows"],
+        "drafted_at_last_stage": stages[-1]["drafted_here"],
+    }
+
+
+def work_between(before: dict, after: dict) -> dict:
+    return {
+        key: [b - a for a, b in zip(before[key], after[key], strict=True)]
+        if isinstance(after[key], list)
+        else after[key] - before[key]
+        for key in after
+    }
+
+
+def where_time_goes(work: dict, tokens: int, wall_ms: float) -> dict:
+    """Per decode token: each stage's decode compute, the LM head's, their sum, and the wall clock
+    per output token of the whole run (``wall_ms``, prefill included); what the wall clock spends
+    beyond the compute is hops, front door, proxy, prefill, and waiting for the 2 cores."""
+    stages = [1000 * s / tokens for s in work["stage_compute_s"]]
+    head = 1000 * work["head_compute_s"] / tokens
+    return {
+        "stage_compute_ms": [round(s, 2) for s in stages],
+        "head_compute_ms": round(head, 2),
+        "compute_ms": round(sum(stages) + head, 2),
+        "wall_ms": round(wall_ms, 2),
+        "not_compute_ms": round(wall_ms - sum(stages) - head, 2),
+        "head_rows_per_token": round(work["head_rows"] / tokens, 3),
+        "drafts_at_last_stage_per_token": round(work["drafted_at_last_stage"] / tokens, 3),
+    }
+
+
+def pipeline_rows(prompts: list[str], args, speculation: SpeculationFile | None) -> list[dict]:
+    """The same modes through the served pipeline; rounds interleaved, medians reported. The
+    cost-model row (when the model has a speculation file) drafts with the draft head."""
     from sedac_ray.serve.local_cluster import LocalPipeline
 
     pipeline = LocalPipeline.start(PIPELINE_ARGS, num_cpus=2)
@@ -223,7 +269,10 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
 
     def call(prompt: str, config: Config) -> dict:
         sedac: dict = {"disable_exit": True}
-        if config.mode != "no exit":
+        if config.policy_name == COST_MODEL:  # the speculation file's depth, as Engine(speculative=True)
+            rule = speculation.settings.exit_policy
+            sedac = {"speculative": True, **(rule or {"disable_exit": True})}
+        elif config.mode != "no exit":
             policy = POLICIES[config.policy_name]
             sedac = {"tau": policy.tau, "k": policy.k, "min_layer": policy.min_layer}
             sedac["speculative"] = config.mode == "speculative"
@@ -240,25 +289,41 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
         return {**answer, "latency_s": time.perf_counter() - start}
 
     def run(config: Config) -> tuple[float, list[dict]]:
+        """``max(batch, --batch1-prompts)`` prompts, ``batch`` at a time."""
+        count = max(config.batch, args.batch1_prompts)
         start = time.perf_counter()
+        answers = []
         with ThreadPoolExecutor(config.batch) as pool:
-            answers = list(pool.map(lambda p: call(p, config), prompts[: config.batch]))
+            for group in range(0, count, config.batch):
+                chunk = prompts[group : group + config.batch]
+                answers += list(pool.map(lambda p: call(p, config), chunk))
         return time.perf_counter() - start, answers
 
-    todo = [c for c in configs(args.batches, args.policies, cost_model_row=False) if c.mode != "prefill"]
-    run(todo[0])  # warm-up
+    todo = [
+        c
+        for c in configs(args.batches, args.policies, cost_model_row=speculation is not None)
+        if c.mode != "prefill"
+    ]
+    for config in todo:  # warm-up, every mode once
+        run(config)
     times: dict[Config, list[float]] = {config: [] for config in todo}
     answers: dict[Config, list[dict]] = {}
     stage_work: dict[Config, list[tuple[int, int]]] = {}  # (decode rows, batches) per stage, all rounds
+    replica_work: dict[Config, list[dict]] = {}  # compute seconds and read-outs, per round
+    tokens_made: dict[Config, int] = {}
     for round_no in range(args.pipeline_rounds):
         for config in todo:
-            before = stage_counts(pipeline)
+            before, work_before = stage_counts(pipeline), pipeline_work(pipeline)
             seconds, answers[config] = run(config)
-            after = stage_counts(pipeline)
+            after, work_after = stage_counts(pipeline), pipeline_work(pipeline)
             times[config].append(seconds)
             work = counts_between(before, after)
             so_far = stage_work.get(config, [(0, 0)] * len(work))
             stage_work[config] = [(r + r1, b + b1) for (r, b), (r1, b1) in zip(so_far, work, strict=True)]
+            replica_work.setdefault(config, []).append(work_between(work_before, work_after))
+            # Decode tokens (the first comes from prefill, whose compute the counters leave out).
+            made = sum(len(a["choices"][0]["token_ids"]) - 1 for a in answers[config])
+            tokens_made[config] = tokens_made.get(config, 0) + made
         print(f"pipeline round {round_no + 1}/{args.pipeline_rounds} done", flush=True)
     pipeline.stop()
 
@@ -273,12 +338,12 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
         ]
         tokens = sum(len(a["choices"][0]["token_ids"]) for a in mine)
         median = statistics.median(times[config])
+        row_tpot = statistics.median(1000 * a["latency_s"] / len(a["choices"][0]["token_ids"]) for a in mine)
         row = {
             **common_row("pipeline", config, times[config]),
+            "sequences": len(mine),
             "tokens_per_s": tokens / median,
-            "tpot_ms": statistics.median(
-                1000 * a["latency_s"] / len(a["choices"][0]["token_ids"]) for a in mine
-            ),
+            "tpot_ms": row_tpot,
             "decode_step_ms": float("nan"),
             "agreement": sum(same) / len(same),
             "identical_sequences": sum(
@@ -288,6 +353,9 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
             "mean_exit_layer": statistics.fmean(x for a in mine for x in a["choices"][0]["exit_layers"][1:]),
             "exit_layers": [a["choices"][0]["exit_layers"][1:] for a in mine],
             "stage_mean_batch_rows": mean_batch_rows(stage_work[config]),
+            "where_time_goes_ms_per_token": where_time_goes(
+                summed(replica_work[config]), tokens_made[config], 1000 * median / tokens
+            ),
         }
         if config.mode == "speculative":
             counted = [f.name for f in fields(SpeculativeStats)]  # the response adds derived ratios
@@ -296,8 +364,23 @@ def pipeline_rows(prompts: list[str], args) -> list[dict]:
                 SpeculativeStats(),
             )
             row["speculative"] = stats.as_dict()
+            row["draft_share"] = round(stats.drafts / max(stats.drafts + stats.direct, 1), 4)
+            row["draft_limit"] = PIPELINE_ARGS.get("draft_limit", 4)
         rows.append(row)
+    for row in rows:  # against the same batch's no-exit row of this run
+        plain = next(r for r in rows if r["batch"] == row["batch"] and r["mode"] == "no exit")
+        row["speedup_vs_no_exit"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)
     return rows
+
+
+def summed(parts: list[dict]) -> dict:
+    """Counters of several runs added up."""
+    return {
+        key: [sum(v) for v in zip(*(p[key] for p in parts), strict=True)]
+        if isinstance(parts[0][key], list)
+        else sum(p[key] for p in parts)
+        for key in parts[0]
+    }
 
 
 def cost_probe(engine: Engine, prompt_ids: list[list[int]], repeats: int, ranked: list[int]) -> dict:
@@ -589,6 +672,214 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+PIPELINE_TARGETS = {1: 1.1, 8: 1.0}  # the issue's targets: speed-up over exits off, by batch
+
+
+def pipeline_needed(rows: list[dict], speculation: SpeculationFile, stages: int = 3) -> list[dict]:
+    """Per batch and draft depth, what speculative decoding would need in this pipeline to reach
+    its target, from this run's measured costs (the no-exit row's time per token and compute per
+    stage) and the acceptance the model gives at that depth (the speculation file: teacher
+    forced, gate 0; the full-depth entry also has this run's, gated).
+
+    A draft from the end of stage ``k`` (depth ``10k`` of 30; the LM head reads it out) lets the
+    next step start that much sooner; at full depth (the draft head at the last stage) it saves the
+    full head's time on the path. Batch 1 is latency-bound: a right draft saves that share of the
+    time per token, a wrong one costs nothing extra at best (its void step overlaps), or a whole
+    step at full depth (the wrong draft shows only with the next reply). Batch 8 is bound by the 2
+    cores: a draft saves no work (its row still runs every layer), only, at full depth, the head
+    calls that verifications share with the next batch, and a wrong draft costs a row through
+    every stage. The acceptance needed assumes every token drafts (a lower bound: with fewer, it
+    must be higher)."""
+    details = speculation.details
+    depths = details.get("choice", {}).get("by_draft_depth", {})
+    draft_head = {
+        int(k): v
+        for k, v in details["costs"]["draft_head_ms"][str(len(speculation.draft_token_ids()))].items()
+    }
+    out = []
+    for batch, target in PIPELINE_TARGETS.items():
+        plain = next((r for r in rows if r["batch"] == batch and r["mode"] == "no exit"), None)
+        ours = next((r for r in rows if r["batch"] == batch and r["policy"] == COST_MODEL), None)
+        if plain is None:
+            continue
+        time_split = plain["where_time_goes_ms_per_token"]
+        compute = time_split["stage_compute_ms"]
+        per_token = time_split["wall_ms"]
+        head = max(0.0, compute[-1] - statistics.fmean(compute[:-1]))  # the last stage's extra: its head
+        drafting = draft_head.get(batch, draft_head[1]) / batch
+        for stage in range(1, stages + 1):
+            depth = round(stage * speculation_layers(details) / stages)
+            full_depth = stage == stages
+            if batch == 1:
+                gain = (
+                    head - drafting if full_depth else per_token * (1 - sum(compute[:stage]) / sum(compute))
+                )
+                loss = per_token if full_depth else 0.0
+            else:
+                # Verifications share the next batch's head call: about half the head per draft.
+                gain = head / 2 - drafting if full_depth else -drafting
+                loss = per_token
+            needed = (per_token - per_token / target + loss) / (gain + loss) if gain + loss > 0 else None
+            entry = {
+                "batch": batch,
+                "draft_depth": depth,
+                "drafts_from": "last stage, draft head"
+                if full_depth
+                else f"end of stage {stage - 1}, LM head",
+                "no_exit_ms_per_token": round(per_token, 2),
+                "saved_if_right_ms": round(gain, 2),
+                "lost_if_wrong_ms": round(loss, 2),
+                "speedup_if_all_right": round(per_token / (per_token - gain), 3)
+                if gain < per_token
+                else None,
+                "target": target,
+                "acceptance_needed": round(needed, 3) if needed is not None and 0 <= needed <= 1 else None,
+                "acceptance_given": depths.get(str(depth), {}).get("acceptance_given"),
+            }
+            if full_depth and ours is not None:
+                entry["acceptance_measured"] = ours["speculative"]["acceptance_rate"]
+                entry["draft_share_measured"] = ours["draft_share"]
+                entry["speedup_measured"] = ours["speedup_vs_no_exit"]
+            out.append(entry)
+    return out
+
+
+def simulated(rows: list[dict], speculation: SpeculationFile) -> dict:
+    """The pipeline simulator's figures for this run's no-exit and draft-head rows (calibrated on
+    the committed measurements, ``sedac_ray.sim``; the draft head's cost from the speculation
+    file's probe; the measured draft share and acceptance), and the acceptance at which it
+    predicts each batch's target, at the measured draft share and with every token drafted."""
+    import dataclasses
+
+    from sedac_ray.sim.calibration import Requests, benchmark_requests, calibrated_pipeline, fit, load
+    from sedac_ray.sim.pipeline import simulate
+
+    measured, served = load()
+    model, _ = calibrated_pipeline(measured, served)
+    size = str(len(speculation.draft_token_ids()))
+    model = dataclasses.replace(model, draft_head=fit(speculation.details["costs"]["draft_head_ms"][size]))
+
+    def tokens_per_s(lengths: list[int], batch: int, share: float, acceptance: float) -> float:
+        """Requests ``batch`` at a time, as the benchmark sends them."""
+        tokens = seconds = 0.0
+        for start in range(0, len(lengths), batch):
+            group = lengths[start : start + batch]
+            requests = benchmark_requests(measured, group, model.costs.hop_ms, acceptance=acceptance)
+            workload = dataclasses.replace(requests.workload, full_depth_drafts=share)
+            mode = "speculative" if share > 0 else "no_exit"
+            _, rate = Requests(workload, requests.prefill_trip_ms).measured_as_benchmarks_do(
+                simulate(model, workload, mode)
+            )
+            group_tokens = sum(n + 1 for n in group)
+            tokens, seconds = tokens + group_tokens, seconds + group_tokens / rate
+        return tokens / seconds
+
+    figures, needed = [], []
+    for batch in sorted({r["batch"] for r in rows}):
+        plain = next(r for r in rows if r["batch"] == batch and r["mode"] == "no exit")
+        ours = next((r for r in rows if r["batch"] == batch and r["policy"] == COST_MODEL), None)
+        lengths = [len(x) for x in plain["exit_layers"]]  # decode tokens of each request
+        base = tokens_per_s(lengths, batch, 0.0, 1.0)
+        figures.append(
+            {
+                "batch": batch,
+                "mode": "no exit",
+                "measured_tokens_per_s": round(plain["tokens_per_s"], 2),
+                "simulated_tokens_per_s": round(base, 2),
+            }
+        )
+        if ours is None:
+            continue
+        stats = ours["speculative"]
+        acceptance = stats["accepted"] / stats["verifications"] if stats["verifications"] else 1.0
+        rate = tokens_per_s(lengths, batch, ours["draft_share"], acceptance)
+        figures.append(
+            {
+                "batch": batch,
+                "mode": "speculative, draft head",
+                "measured_tokens_per_s": round(ours["tokens_per_s"], 2),
+                "simulated_tokens_per_s": round(rate, 2),
+                "measured_speedup": ours["speedup_vs_no_exit"],
+                "simulated_speedup": round(rate / base, 3),
+            }
+        )
+        target = PIPELINE_TARGETS.get(batch, 1.0)
+        for share in (ours["draft_share"], 1.0):
+            low, high = 0.0, 1.0
+            if tokens_per_s(lengths, batch, share, 1.0) / base < target:
+                found = None  # not even with every draft right
+            else:
+                for _ in range(12):
+                    middle = (low + high) / 2
+                    low, high = (
+                        (middle, high)
+                        if tokens_per_s(lengths, batch, share, middle) / base < target
+                        else (low, middle)
+                    )
+                found = round(high, 3)
+            needed.append(
+                {
+                    "batch": batch,
+                    "draft_depth": speculation_layers(speculation.details),
+                    "draft_share": round(share, 4),
+                    "target": target,
+                    "simulated_speedup_if_all_right": round(
+                        tokens_per_s(lengths, batch, share, 1.0) / base, 3
+                    ),
+                    "acceptance_needed": found,
+                    "acceptance_measured": round(acceptance, 4),
+                }
+            )
+    return {"figures": figures, "needed": needed}
+
+
+def speculation_layers(details: dict) -> int:
+    return int(details["costs"]["num_layers"])
+
+
+def repo_path(path: Path | None) -> str:
+    """A path inside this repository as it is named from the repository root."""
+    root = Path(__file__).resolve().parents[1]
+    path = Path(path or "").resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def pipeline_only(args) -> None:
+    """The pipeline rows alone, against the packaged speculation file (built by a full run)."""
+    from sedac_ray.exit.store import model_name_for_spec
+    from sedac_ray.model.loading import DEFAULT_MODEL, load_config
+
+    name = model_name_for_spec(DEFAULT_MODEL)  # what the app serves (PIPELINE_ARGS name no model)
+    speculation = find_speculation(name)
+    prompts = [item.prompt for item in load_prompts("heldout") if item.chat]
+    rows = pipeline_rows(prompts, args, speculation)
+    print_table(rows)
+    for row in rows:
+        print(f"{row['mode']}, {row['policy']}, batch {row['batch']}:", row["where_time_goes_ms_per_token"])
+    report = {
+        "model": name,
+        "num_layers": load_config(DEFAULT_MODEL).num_hidden_layers,
+        "new_tokens": args.new_tokens,
+        "rounds": args.pipeline_rounds,
+        "app": PIPELINE_ARGS,
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_average_after": os.getloadavg(),
+        "speculation_file": repo_path(speculation.path) if speculation else None,
+        "speculation_settings": speculation.settings.__dict__ if speculation else None,
+        "rows": rows,
+        "needed": pipeline_needed(rows, speculation) if speculation else [],
+    }
+    if speculation:
+        sim = simulated(rows, speculation)
+        report["simulated"], report["simulated_needed"] = sim["figures"], sim["needed"]
+    for entry in report["needed"] + report.get("simulated", []) + report.get("simulated_needed", []):
+        print(entry)
+    out = Path(args.out or "benchmarks/results/speculative_pipeline.json")
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -604,12 +895,19 @@ def main() -> None:
     parser.add_argument("--pipeline", action="store_true", help="also run the modes through the pipeline")
     parser.add_argument("--pipeline-rounds", type=int, default=2)
     parser.add_argument(
+        "--pipeline-only", action="store_true", help="only the pipeline rows (no engine rows, no cost probe)"
+    )
+    parser.add_argument(
         "--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a shared machine"
     )
-    parser.add_argument("--out", default="benchmarks/results/speculative_speed.json")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/speculative_speed.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pipeline_only:
+        pipeline_only(args)
+        return
+    args.out = args.out or "benchmarks/results/speculative_speed.json"
 
     loaded = load_model()
     engine = Engine(loaded, ExitPolicy.disabled(), draft_limit=DRAFT_LIMIT)
@@ -629,7 +927,7 @@ def main() -> None:
     costs = cost_model.MeasuredCosts.from_dict(probe[f"threads_{torch.get_num_threads()}"])
     rows = engine_rows(engine, speculative, prompt_ids, args, costs)
     if args.pipeline:
-        rows += pipeline_rows(PROMPTS, args)
+        rows += pipeline_rows([item.prompt for item in heldout], args, speculation)
     print_table(rows)
     for name, entry in probe.items():
         cells = ", ".join(f"{rows_}: {ms:.2f}" for rows_, ms in entry["layer_ms"].items())
@@ -650,7 +948,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "machine": platform.platform(),
         "load_average_after": os.getloadavg(),
-        "speculation_file": str(speculation.path or ""),
+        "speculation_file": repo_path(speculation.path),
         "speculation_settings": speculation.settings.__dict__,
         "cost_model": speculation.details.get("choice"),
         "rows": rows,

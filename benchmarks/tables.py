@@ -28,6 +28,13 @@ ABOUT = {
     "speculative_speed.json": "Plain, early-exit and lossless speculative decoding, in the engine and "
     "in the served pipeline (`benchmarks/speculative_speed.py --rounds 3 --threads 1 --pipeline`). "
     "Agreement: share of positions equal to the same system's no-exit run.",
+    "speculative_pipeline.json": "Lossless speculative decoding in the served 3-stage pipeline "
+    "against the same pipeline with exits off, side by side in one run "
+    "(`benchmarks/speculative_speed.py --pipeline-only`): held-out chat prompts over HTTP; the cost-model "
+    "row drafts at full depth with the draft head at the last stage, gated by its confidence, and "
+    "verifies with the full head after the reply. Time per token: compute per stage and in the LM head, "
+    "from the replicas' counters; `needed`: the acceptance each draft depth would need for the target, "
+    "from this run's costs, against what the model gives.",
     "speculative_sim.json": "The pipeline simulator against the measured CPU figures, then its GPU "
     "predictions (`python -m sedac_ray.sim --out ...`). GPU rows are assumptions, not measurements.",
     "soak.json": "Mixed traffic against the served pipeline (`benchmarks/soak.py`, `make soak`).",
@@ -77,6 +84,23 @@ COLUMNS: dict[tuple[str, str], list[Column]] = {
         ("drafts", lambda r: (r.get("speculative") or {}).get("drafts")),
         ("rolled back", lambda r: (r.get("speculative") or {}).get("rolled_back")),
         ("stage rows", lambda r: per_stage(r.get("stage_mean_batch_rows"))),
+    ],
+    ("speculative_pipeline.json", "rows"): [
+        ("mode", "mode"),
+        ("policy", "policy"),
+        ("batch", "batch"),
+        ("tok/s", "tokens_per_s"),
+        ("vs no exit", "speedup_vs_no_exit"),
+        ("TPOT ms", "tpot_ms"),
+        ("agree", "agreement"),
+        ("accept", lambda r: (r.get("speculative") or {}).get("acceptance_rate")),
+        ("draft share", "draft_share"),
+        ("rolled back", lambda r: (r.get("speculative") or {}).get("rolled_back")),
+        ("stage rows", lambda r: per_stage(r.get("stage_mean_batch_rows"))),
+        ("ms/token: stages", lambda r: per_stage(r["where_time_goes_ms_per_token"]["stage_compute_ms"])),
+        ("head", lambda r: r["where_time_goes_ms_per_token"]["head_compute_ms"]),
+        ("wall", lambda r: r["where_time_goes_ms_per_token"]["wall_ms"]),
+        ("not compute", lambda r: r["where_time_goes_ms_per_token"]["not_compute_ms"]),
     ],
     ("speculative_sim.json", "figures"): [
         ("figure", "name"),

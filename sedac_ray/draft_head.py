@@ -28,6 +28,7 @@ import torch
 from sedac_ray.exit.store import calibration_file_name, packaged_calibration_dir, user_calibration_dir
 from sedac_ray.exit_adapters import ExitAdapters
 from sedac_ray.model.adapter import ModelAdapter
+from sedac_ray.sampling import SamplingParams, choose_tokens
 
 
 @dataclass
@@ -85,6 +86,44 @@ class DraftHead:
         vocab = self.adapter.head.weight.shape[0]
         out = torch.full((subset_logits.shape[0], vocab), float("-inf"), dtype=subset_logits.dtype)
         return out.index_copy_(1, self.token_ids.cpu(), subset_logits.cpu())
+
+
+@dataclass
+class DraftReader:
+    """Drafts as speculative decoding reads them out, in the engine and in the pipeline alike: the
+    draft head's token (greedy, or sampled over the subset with the same per-position seed as
+    verified tokens) and whether its confidence reaches the gate. A draft below the gate is not
+    drafted on from (the engine ends its chunk; the pipeline steps on only once it is verified),
+    and at full depth with nothing pending the full head reads the token out at once instead."""
+
+    head: DraftHead
+    confidence: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"confidence must be in [0, 1], got {self.confidence!r}")
+
+    def read(
+        self,
+        hidden: torch.Tensor,
+        exit_layers: torch.Tensor,
+        params: list[SamplingParams],
+        positions: list[int],
+    ) -> tuple[list[int], list[bool]]:
+        """Draft tokens of rows that left the model after ``exit_layers`` layers, and whether each
+        reached the confidence gate."""
+        readout = self.head.draft(hidden, exit_layers)
+        tokens = readout.tokens.tolist()
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled:
+            chosen = choose_tokens(
+                self.head.full_vocab_logits(readout.logits[sampled]),
+                [params[i] for i in sampled],
+                [positions[i] for i in sampled],
+            )
+            for i, token in zip(sampled, chosen, strict=True):
+                tokens[i] = token
+        return tokens, (readout.confidence >= self.confidence).tolist()
 
 
 def rank_tokens(scores: torch.Tensor, always: Iterable[int] = ()) -> list[int]:
@@ -161,6 +200,17 @@ class SpeculationFile:
 def speculation_file_name(model_name: str) -> str:
     # Named like a calibration file, without a dtype: the token ranking serves every dtype.
     return calibration_file_name(model_name, "float32").removesuffix(".float32.json") + ".speculative.json"
+
+
+def draft_reader(
+    adapter: ModelAdapter, speculation: SpeculationFile | None, exit_adapters: ExitAdapters | None = None
+) -> DraftReader | None:
+    """The draft read-out a speculation file sets up for a model part holding the final norm and
+    LM head (the engine, the LM-head deployment, a pipeline's last stage); None without a file."""
+    if speculation is None:
+        return None
+    head = DraftHead(adapter, speculation.draft_token_ids(), exit_adapters)
+    return DraftReader(head, speculation.settings.confidence)
 
 
 def find_speculation(model_name: str) -> SpeculationFile | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sedac_ray.completion import Completion, eos_token_ids
-from sedac_ray.draft_head import DraftHead, find_speculation
+from sedac_ray.draft_head import draft_reader, find_speculation
 from sedac_ray.exit.probes import ExitProbes
 from sedac_ray.exit.store import calibrated_default
 from sedac_ray.exit_adapters import ExitAdapters, exit_logits
@@ -109,12 +109,10 @@ class Engine:
                 f"exit adapters are for {adapters.num_layers} layers; the model has {self.num_layers}"
             )
         self.exit_adapters = adapters.to(self.adapter.device) if adapters is not None else None
-        self.draft_head = (
-            DraftHead(self.adapter, speculation.draft_token_ids(), self.exit_adapters)
-            if speculation
-            else None
-        )
-        self.draft_confidence = settings.confidence if settings is not None else 0.0
+        # The same draft read-out as the pipeline's LM head and last stage (draft_reader).
+        drafts = draft_reader(self.adapter, speculation, self.exit_adapters)
+        self.draft_head = drafts.head if drafts is not None else None
+        self.draft_confidence = drafts.confidence if drafts is not None else 0.0
         log.info("exit policy %s (%s)", self.policy.describe(), self.policy_source)
         self.eos_ids = eos_token_ids(
             [getattr(model.model, "generation_config", None), model.model.config], model.tokenizer

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sedac_ray.completion import Completion
-from sedac_ray.draft_head import DraftHead
+from sedac_ray.draft_head import DraftHead, DraftReader
 from sedac_ray.policy import RULE_WIDTH
 from sedac_ray.runtime.layer_range import LayerRange, TokenRows
 from sedac_ray.sampling import SamplingParams, choose_tokens
@@ -155,6 +155,7 @@ class SpeculativeDecoder:
             raise ValueError(f"confidence must be in [0, 1], got {confidence!r}")
         self.draft_head = draft_head
         self.confidence = float(confidence)
+        self.drafts = DraftReader(draft_head, self.confidence) if draft_head is not None else None
         self.layers = layers
         self.adapter = layers.adapter
         self.num_layers = self.adapter.num_layers
@@ -240,15 +241,10 @@ class SpeculativeDecoder:
     ) -> tuple[list[int], list[bool]]:
         """Draft tokens of exited rows, and whether each reached the confidence gate."""
         params = [self.params] * len(positions)
-        if self.draft_head is None:
+        if self.drafts is None:
             tokens = choose_tokens(self.draft_logits(hidden, exit_layers), params, positions)
             return tokens, [True] * len(positions)
-        readout = self.draft_head.draft(hidden, exit_layers)
-        if self.params.greedy:
-            tokens = readout.tokens.tolist()
-        else:  # sampled like verified tokens (same per-position seed), over the subset
-            tokens = choose_tokens(self.draft_head.full_vocab_logits(readout.logits), params, positions)
-        return tokens, (readout.confidence >= self.confidence).tolist()
+        return self.drafts.read(hidden, exit_layers, params, positions)  # as the pipeline reads them
 
     def _decode_keeping(
         self, rows: TokenRows, capture: list[int]

@@ -124,6 +124,7 @@ def test_models_and_health(pipeline):
 # ---- lossless speculative mode across the stages ------------------------------------------------
 
 SPECULATIVE = {"speculative": True, "tau": 0.97, "k": 3}  # drafts often; many drafts prove wrong
+FULL_DEPTH_DRAFTS = {"speculative": True, "disable_exit": True}  # drafts only from the draft head
 
 
 def test_speculative_pipeline_equals_hf_greedy_with_drafts_accepted_and_rolled_back(pipeline, smollm2):
@@ -153,6 +154,47 @@ def test_speculative_pipeline_equals_hf_greedy_with_drafts_accepted_and_rolled_b
         assert all(r["sequences"] == 0 and r["kv_slots_in_use"] == 0 for r in stats), stats
 
 
+def test_speculative_pipeline_drafts_with_the_draft_head_and_equals_hf_greedy(pipeline, smollm2):
+    """Exits off (the speculation file's chosen draft depth: full): the last stage reads rows out
+    with the draft head and answers with drafts, whose full-head verification follows the reply
+    and comes back with the next; a batch with a row below the gate is read out by the full head
+    at once. One request at a time (batches of one row: drafts are made, accepted, and gated),
+    then all at once (batches that mostly need the full head): every answer equals HF greedy."""
+    from sedac_ray.draft_head import find_speculation
+
+    assert find_speculation("smollm2-135m") is not None  # the packaged file the replicas load
+    prompts = [*CHAT_PROMPTS, "Count from 1 to 5.", "Name three fruits.", "What is 2 + 2?"]
+    references = [
+        hf_greedy(smollm2.model, chat_prompt_ids(smollm2.tokenizer, p), MAX_TOKENS) for p in prompts
+    ]
+
+    def speculate(prompt: str) -> dict:
+        return chat(pipeline, prompt, max_tokens=MAX_TOKENS, sedac=FULL_DEPTH_DRAFTS)
+
+    before = _summed(pipeline.local.stats("Stage2"))
+    alone = [speculate(p) for p in prompts[:4]]
+    after = _summed(pipeline.local.stats("Stage2"))
+    with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent, so speculative rows share batches
+        together = list(pool.map(speculate, prompts))
+    totals = dict.fromkeys(("drafts", "accepted", "rollbacks", "direct"), 0)
+    for body, reference in [*zip(alone, references, strict=False), *zip(together, references, strict=True)]:
+        choice, stats = body["choices"][0], body["usage"]["speculative"]
+        assert choice["token_ids"] == reference
+        assert choice["exit_layers"] == [30] * len(choice["token_ids"])  # every draft ran full depth
+        assert len(choice["token_ids"]) == 1 + stats["direct"] + stats["accepted"] + stats["rollbacks"]
+    for body in alone:
+        for name in totals:
+            totals[name] += body["usage"]["speculative"][name]
+    # Drafts made at the last stage (void ones too), and tokens below the gate read out by the
+    # full head at once: the draft head both drafted and gated.
+    drafted = after["drafted_here"] - before["drafted_here"]
+    assert drafted >= totals["drafts"] > 0 and totals["accepted"] > 0 and totals["direct"] > 0, totals
+
+
+def _summed(replicas: list[dict]) -> dict:
+    return {key: sum(r[key] for r in replicas) for key in replicas[0] if isinstance(replicas[0][key], int)}
+
+
 def test_speculative_grpc_stream_marks_drafts_and_commits_only_verified_tokens(pipeline, smollm2):
     client = pipeline.grpc
     options = dict(chat=True, max_tokens=MAX_TOKENS, tau=0.97, k=3, speculative=True)
@@ -165,7 +207,8 @@ def test_speculative_grpc_stream_marks_drafts_and_commits_only_verified_tokens(p
     assert [c.token_id for c in verified] == list(whole.token_ids)
     assert [c.index for c in verified] == list(range(len(whole.token_ids)))
     assert "".join(c.text for c in verified) == whole.text
-    assert drafts and all(c.exit_layer < 30 and not c.finish_reason for c in drafts)
+    # Drafts from early exits, and (draft head) from full depth, whose full head runs later.
+    assert drafts and all(not c.finish_reason for c in drafts)
     last = verified[-1].speculative
     assert last.drafts == len(drafts) and whole.speculative.drafts > 0  # timing decides how many
     assert last.accepted + last.rollbacks == last.verifications

@@ -98,6 +98,29 @@ def test_speculative_overlaps_verification_with_the_next_token():
     assert simulate(pipeline, never, "speculative").tpot_ms == pytest.approx(none.tpot_ms)
 
 
+def test_drafts_from_the_draft_head_at_the_last_stage_take_the_head_off_the_path():
+    """One stream, every token drafted at full depth and right: a token costs the same hops and
+    layers, with the draft head instead of the full head on its path (the verification follows
+    it, with the next reply). All wrong: each token also waits for its void step."""
+    pipeline = Pipeline(30, 3, COSTS, draft_head=Cost(1.0))
+    none = simulate(pipeline, Workload(1, 40), "no_exit")
+    right = simulate(pipeline, Workload(1, 40, acceptance=1.0, full_depth_drafts=1.0), "speculative")
+    assert right.accepted == right.drafts_verified == 40
+    # Head 10 ms, draft head 1 ms; the last draft's verification answers a poll: one 5 ms hop.
+    assert right.tpot_ms == pytest.approx(none.tpot_ms - 10.0 + 1.0 + 5.0 / 40)
+    wrong = simulate(pipeline, Workload(1, 40, acceptance=0.0, full_depth_drafts=1.0), "speculative")
+    assert wrong.accepted == 0 and wrong.rows_wasted > 0 and wrong.tpot_ms > 1.5 * none.tpot_ms
+    # Nothing passes the gate: the draft head is not even tried, so exactly no exit.
+    gated = simulate(pipeline, Workload(1, 40, acceptance=1.0, full_depth_drafts=0.0), "speculative")
+    assert gated.tpot_ms == pytest.approx(none.tpot_ms) and gated.drafts_verified == 0
+    # Half pass: tried at one row (0.5 * 10 ms >= 1 ms), so about half the tokens spare the head.
+    half = simulate(pipeline, Workload(1, 40, acceptance=1.0, full_depth_drafts=0.5, seed=3), "speculative")
+    assert 0 < half.drafts_verified < 40 and right.tpot_ms < half.tpot_ms < none.tpot_ms + 1.0
+    # No draft head: exactly no exit.
+    plain = simulate(Pipeline(30, 3, COSTS), Workload(1, 40, full_depth_drafts=1.0), "speculative")
+    assert plain.tpot_ms == pytest.approx(none.tpot_ms) and plain.drafts_verified == 0
+
+
 def test_rejected_drafts_roll_back_and_waste_work():
     pipeline = Pipeline(30, 3, COSTS)
     good = simulate(pipeline, Workload(4, 200, exit_layers=[8, 30], acceptance=1.0, seed=1), "speculative")

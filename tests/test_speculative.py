@@ -221,9 +221,10 @@ def _truth(position: int) -> int:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_pipeline_speculation_commits_exactly_the_verified_sequence(seed):
-    """Drafts are right or wrong by a seeded pattern, rows and verifications come back after random
-    delays; the committed tokens must be the true sequence, rollbacks must name the first void
-    position, and no step may run from a void token."""
+    """Drafts are right or wrong by a seeded pattern (some at full depth from the draft head, some
+    below its gate), rows and verifications come back after random delays; the committed tokens
+    must be the true sequence, rollbacks must name the first void position, no step may run from
+    a void token, and none from a draft below the gate before its verification."""
     import asyncio
     import random
 
@@ -233,21 +234,34 @@ def test_pipeline_speculation_commits_exactly_the_verified_sequence(seed):
     rng = random.Random(seed)
     prompt_length, max_tokens = 5, 24
     wrong = {p for p in range(prompt_length, prompt_length + max_tokens + 8) if rng.random() < 0.3}
-    full_depth = {p for p in range(prompt_length, prompt_length + max_tokens + 8) if rng.random() < 0.2}
+    positions = range(prompt_length, prompt_length + max_tokens + 8)
+    full_depth = {p for p in positions if rng.random() < 0.2}
+    # Drafts the last stage read out with the draft head at full depth: drafts all the same.
+    full_depth_drafts = {p for p in positions if p not in full_depth and rng.random() < 0.3}
+    unsure = {p for p in positions if rng.random() < 0.25}  # drafts below the draft gate
     log = {"rollbacks": [], "void_steps": 0}
+    gated: set[int] = set()  # positions of unsure drafts handed out, not yet verified
 
     async def step(position: int, token: int, epoch: int) -> TokenResult:
         if not log["rollbacks"] or log["rollbacks"][-1] != epoch:
             log["rollbacks"].append(epoch)  # a new epoch: the position rolled back to
         assert position >= epoch  # a step never reaches back behind its epoch
+        assert position - 1 not in gated, "a step went on from a draft below the gate"
         await asyncio.sleep(rng.random() * 0.004)
+        # Some earlier verifications of this epoch come back with the reply, as from the last stage
+        # (they are full-depth tokens: right even when the row itself is void).
+        came = {q: TokenResult(_truth(q + 1), 30) for q in range(epoch, position) if rng.random() < 0.3}
+        gated.difference_update(came)
         if token != _truth(position):  # its input is a wrong draft: whatever it says is void
             log["void_steps"] += 1
-            return TokenResult(token + 1, 4)
+            return TokenResult(token + 1, 4, verified=came)
         if position in full_depth:
-            return TokenResult(_truth(position + 1), 30)
+            return TokenResult(_truth(position + 1), 30, verified=came)
         draft = _truth(position + 1) + (1 if position in wrong else 0)
-        return TokenResult(draft, 4)
+        if position in unsure:
+            gated.add(position)
+        layer = 30 if position in full_depth_drafts else 4
+        return TokenResult(draft, layer, draft=True, confident=position not in unsure, verified=came)
 
     polling: dict[int, int] = {}  # epoch -> verification calls waiting
 
@@ -257,6 +271,7 @@ def test_pipeline_speculation_commits_exactly_the_verified_sequence(seed):
         await asyncio.sleep(rng.random() * 0.01)
         polling[epoch] -= 1
         ready = range(position, position + rng.choice([1, 1, 2, 3]))  # sometimes several at once
+        gated.difference_update(ready)
         return {p: TokenResult(_truth(p + 1), 30) for p in ready}
 
     async def decode():
@@ -277,6 +292,8 @@ def test_pipeline_speculation_commits_exactly_the_verified_sequence(seed):
     epochs = log["rollbacks"][1:]  # the first is epoch 0
     assert all(p - 1 in wrong for p in epochs) and len(epochs) in (stats.rollbacks, stats.rollbacks - 1)
     assert stats.rollbacks > 0 and stats.accepted > 0
+    full_depth_drafts_shown = [c for c in shown if c.draft and c.exit_layer == 30]
+    assert full_depth_drafts_shown  # full-depth draft-head reads are drafts, not committed at once
 
 
 # ---- draft head (FR-Spec subset read-out), confidence gating, cost model -------------------------
@@ -324,6 +341,80 @@ def test_draft_head_logits_are_the_full_heads_on_its_tokens(arch):
     for bad, message in (([], "at least one"), ([1, 1], "distinct"), ([49152], "0..49151")):
         with pytest.raises(ValueError, match=message):
             DraftHead(adapter, bad)
+
+
+def test_served_read_out_drafts_speculative_rows_with_the_engines_draft_read_out():
+    """The pipeline's read-out (LM head, last stage): SPECULATIVE rows are drafts from the draft
+    head (the subset's best token, flagged below the gate by its softmax over the subset), every
+    other row the full head's token; seeded sampling draws drafts as the engine does."""
+    import numpy as np
+
+    from sedac_ray.draft_head import DraftHead, DraftReader
+    from sedac_ray.policy import RULE_WIDTH
+    from sedac_ray.serve.head import read_out
+    from sedac_ray.serve.transport import PLAIN, SPECULATIVE, VERIFY, Rows, pack_hidden
+
+    model, adapter = _tiny_adapter("llama")
+    ids = torch.randperm(49152, generator=torch.Generator().manual_seed(2))[:300].tolist()
+    hidden = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)) * 4
+    modes = [SPECULATIVE, SPECULATIVE, PLAIN, VERIFY, SPECULATIVE, SPECULATIVE]
+    with torch.inference_mode():
+        full = model.lm_head(model.get_decoder().norm(hidden))  # HF's own modules
+    probability = torch.softmax(full[:, ids], -1).max(-1).values
+    gate = float(probability[[0, 1, 4, 5]].median())  # some drafts above the gate, some below
+    reader = DraftReader(DraftHead(adapter, ids), gate)
+    greedy = SamplingParams()
+    packed, dtype = pack_hidden(hidden)
+    rows = Rows(
+        seq_ids=[f"s{i}" for i in range(6)],
+        positions=np.arange(10, 16),
+        rules=np.zeros((6, RULE_WIDTH), np.float32),
+        state=np.zeros(6, np.int64),
+        sampling=[greedy] * 6,
+        routes=[()] * 6,
+        hidden=packed,
+        hidden_dtype=dtype,
+        exit_layer=np.array([6, 3, 4, 6, 6, 6]),
+        modes=np.array(modes, np.int8),
+    )
+    results = read_out(adapter, rows, None, reader)
+    for i, (mode, result) in enumerate(zip(modes, results, strict=True)):
+        assert result.exit_layer == rows.exit_layer[i]
+        if mode == SPECULATIVE:
+            assert result.draft and result.token == ids[int(full[i, ids].argmax())]
+            assert result.confident == bool(probability[i] >= gate)
+        else:
+            assert not result.draft and result.token == int(full[i].argmax())
+    assert {r.confident for r in results if r.draft} == {True, False}
+    assert [r.token for r in read_out(adapter, rows)] == full.argmax(-1).tolist()  # no reader: full head
+    # Seeded sampling: the engine's decoder and the served read-out draw the same drafts.
+    sampled = SamplingParams(temperature=0.8, seed=5)
+    rows.sampling = [sampled] * 6
+    picked = [i for i, mode in enumerate(modes) if mode == SPECULATIVE]
+    served = read_out(adapter, rows, None, reader)
+    engine, _ = reader.read(
+        hidden[picked], torch.from_numpy(rows.exit_layer[picked]), [sampled] * 4, [10 + i for i in picked]
+    )
+    assert [served[i].token for i in picked] == engine and set(engine) <= set(ids)
+
+
+def test_last_stage_drafts_a_batch_only_when_the_draft_head_may_spare_the_full_head():
+    """A 300-token draft head of a 49152-token head costs 1/163.84 of it: a batch of n rows is
+    worth a draft read while pass_rate ** n * 163.84 >= 1. The rate starts at the file's share and
+    follows the rows read."""
+    from sedac_ray.draft_head import DraftHead, DraftReader
+    from sedac_ray.serve.head import DraftOdds
+
+    _, adapter = _tiny_adapter("llama")
+    reader = DraftReader(DraftHead(adapter, range(300)), 0.5)
+    odds = DraftOdds(reader, 49152, start=0.5)
+    assert odds.pass_rate == 0.5
+    assert [odds.worth(n) for n in (1, 7, 8)] == [True, True, False]  # 0.5**7 * 163.84 = 1.28
+    odds.saw([False] * 60)  # 10 of 80 rows passed, with the 20 the start weighs as
+    assert odds.pass_rate == pytest.approx(10 / 80)
+    assert odds.worth(2) and not odds.worth(3)  # (1/8)**2 * 163.84 = 2.56; (1/8)**3 = 0.32
+    odds.saw([True] * 920)
+    assert odds.pass_rate == pytest.approx(930 / 1000) and odds.worth(8)
 
 
 def test_rank_tokens_puts_eos_then_counts_then_ids():

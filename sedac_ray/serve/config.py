@@ -37,6 +37,9 @@ class PipelineConfig(BaseModel):
     # Engine(adapters=...) does; None: exited tokens go straight to the final norm and head.
     exit_adapters: str | None = None
     draft_limit: int = Field(4, gt=0)  # speculative requests: unverified tokens ahead of committed ones
+    # Speculative drafts read out by the model's draft head and gated by its confidence, as in the
+    # engine (the model's speculation file, when it has one); False: the full head reads them out.
+    draft_head: bool = True
     step_timeout_s: float = Field(60.0, gt=0)  # a step that does not come back in time fails the request
     stage_replicas: list[int] | None = None  # fixed replicas per stage (YAML `deployments:` can override)
     replica_cpus: float | None = Field(None, gt=0)  # CPUs reserved per replica (None: Ray's default, 1)

@@ -59,7 +59,7 @@ class PipelineDriver:
         # Sequences step together: in-flight steps merge into one stage-0 message per replica.
         # The decoding sequences split evenly over `steps_in_flight` groups, and a group waits for
         # its members to come back (each streams its token first) before it steps again.
-        self.decoding = 0  # plain sequences past prefill and not finished
+        self.decoding = 0  # grouped sequences (plain, or drafting at full depth) past prefill, not finished
         self.steps = Batcher(
             self._step_many,
             max_size=config.max_batch_size,
@@ -67,9 +67,11 @@ class PipelineDriver:
             max_in_flight=config.steps_in_flight,
             target=lambda: -(-self.decoding // config.steps_in_flight),
         )
-        # Speculative sequences step again as soon as a draft comes back, and at once after a
-        # wrong one: they merge only with what arrives within a few ms, and never wait for a slot
-        # (behind a group, or behind their own void step).
+        # Speculative sequences that draft from early exits step again as soon as a draft comes
+        # back, and at once after a wrong one: they merge only with what arrives within a few ms,
+        # and never wait for a slot (behind a group, or behind their own void step). Those that
+        # draft at full depth (the draft head at the last stage) gain nothing from stepping
+        # apart, since every row runs every stage: they step in the groups, like plain sequences.
         self.speculative_steps = Batcher(
             self._step_many,
             max_size=config.max_batch_size,
@@ -97,7 +99,7 @@ class PipelineDriver:
         deadline = time.monotonic() + self.config.request_timeout_s
         seq_id, route = await self._open(request, completion, deadline)
         routes = {seq_id: route}  # every route this request held, released at the end
-        decoding = not request.speculative
+        decoding = self._grouped(request)
         self.decoding += decoding  # step groups wait for the sequences decoding
         try:
             yield self._event(completion, completion.exit_layers[-1])
@@ -215,11 +217,16 @@ class PipelineDriver:
             routes=[route],
             token_ids=np.asarray([token]),
         )
-        batcher = self.steps
         if epoch is not None:
             rows.modes[:], rows.epochs[:] = SPECULATIVE, epoch
-            batcher = self.speculative_steps
+        batcher = self.steps if self._grouped(request) else self.speculative_steps
         return self._within(batcher.submit((route[0], rows)), deadline)
+
+    @staticmethod
+    def _grouped(request: GenerationRequest) -> bool:
+        """Whether the request's steps go in the step groups: all but speculative ones drafting
+        from early exits (whose drafts come back before their rows reach the last stage)."""
+        return not (request.speculative and request.policy.enabled)
 
     async def _speculate(
         self,

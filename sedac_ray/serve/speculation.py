@@ -10,10 +10,15 @@ stages while the deeper ones verify the last: the overlap of DESIGN §3, scheme 
 * A wrong draft is replaced by its verified token, and the steps taken from it are void: decoding
   resumes from that position with a new epoch (the position itself), which rolls the sequence
   back in each stage as the first row of the epoch gets there (no extra round trip).
-* A row that runs the whole model without exiting is exact as soon as its input is.
-* At most ``draft_limit`` unverified tokens are ahead of the committed ones, and one call per
-  sequence collects their verifications (it returns all that are ready), so a sequence holds at
-  most one waiting call at the last stage however many drafts it has in flight.
+* A row that runs the whole model without exiting is exact as soon as its input is, unless the
+  last stage read it out with the draft head (the engine's cheap draft read-out): then it is a
+  draft like an exited row, whose full-head verification follows the reply.
+* The draft head's confidence gates drafting as in the engine: no step goes on from a draft below
+  the gate until it is verified.
+* At most ``draft_limit`` unverified tokens are ahead of the committed ones. Verifications ready
+  at the last stage come back with the sequence's next reply from there; when no step is on its
+  way (or an early-exit draft waits), one call per sequence collects them (it returns all that
+  are ready), so a sequence holds at most one waiting call at the last stage.
 
 So the output equals full-depth decoding token for token, whatever the exit rule drafts.
 """
@@ -40,7 +45,8 @@ class _Pending:
     position: int  # position of the row that produced it; the token sits at position + 1
     token: int
     exit_layer: int
-    check: asyncio.Future | None  # its verification; None: it ran full depth
+    check: asyncio.Future | None  # its verification; None: exact (full depth, read out by the full head)
+    confident: bool = True  # the draft reached the draft gate: steps may go on from it
 
 
 @dataclass
@@ -85,6 +91,8 @@ class SpeculativeDecode:
                     self.stats.direct += 1
                     yield self._commit(self.pending.popleft())
                     continue
+                if self._checks and self._poll_now():
+                    self._ensure_collector()
                 waiting = [f for f in (self._stepping, head and head.check) if f is not None]
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if head is not None and head.check.done():
@@ -106,6 +114,8 @@ class SpeculativeDecode:
             or len(self.pending) >= self.draft_limit
             or tokens >= self.completion.max_tokens
             or newest in self.completion.eos_ids
+            # Below the draft gate: step on only once it is verified (the engine ends its chunk there).
+            or (self.pending and not self.pending[-1].confident)
         ):
             return
         self._stepping_position = self.prompt_length + tokens - 1
@@ -114,20 +124,38 @@ class SpeculativeDecode:
     def _drafted(self, result: TokenResult) -> _Pending | None:
         """Queue a step's result; returns it if it is a draft."""
         position, self._stepping = self._stepping_position, None
-        if result.exit_layer >= self.num_layers:
+        self._deliver(result.verified or {})  # earlier drafts' verifications came back with it
+        if result.exit_layer >= self.num_layers and not result.draft:  # the full head's own token
             self.pending.append(_Pending(position, result.token, result.exit_layer, None))
             return None
         self.stats.drafts += 1
         check = self._checks[position] = asyncio.get_running_loop().create_future()
+        self.pending.append(_Pending(position, result.token, result.exit_layer, check, result.confident))
+        return self.pending[-1]
+
+    def _poll_now(self) -> bool:
+        """Whether verifications are worth a call of their own: no step is in flight to bring them
+        back with its reply, or an early-exit draft waits (its verification runs the deeper
+        stages behind it, so the next steps' replies may not pass the last stage)."""
+        return self._stepping is None or any(
+            p.check is not None and p.exit_layer < self.num_layers for p in self.pending
+        )
+
+    def _ensure_collector(self) -> None:
         if self._collector is None or self._collector.done() or self._collecting != self.epoch:
             self._collecting = self.epoch  # a stale epoch's collector ends when its call does
             self._collector = asyncio.ensure_future(self._collect(self.epoch))
-        self.pending.append(_Pending(position, result.token, result.exit_layer, check))
-        return self.pending[-1]
+
+    def _deliver(self, answers: dict[int, TokenResult]) -> None:
+        for position, answer in answers.items():
+            check = self._checks.pop(position, None)
+            if check is not None and not check.done():
+                check.set_result(answer)
 
     async def _collect(self, epoch: int) -> None:
-        """Settle this epoch's verifications as they come, one call at a time."""
-        while self._checks and epoch == self.epoch:
+        """Settle this epoch's verifications as they come, one call at a time, while no step's
+        reply is on its way to bring them."""
+        while self._checks and epoch == self.epoch and self._poll_now():
             try:
                 answers = await self._verify(min(self._checks), epoch)
             except Exception as error:
@@ -139,10 +167,7 @@ class SpeculativeDecode:
                 return
             if epoch != self.epoch:
                 return
-            for position, answer in answers.items():
-                check = self._checks.pop(position, None)
-                if check is not None and not check.done():
-                    check.set_result(answer)
+            self._deliver(answers)
 
     def _settle(self, draft: _Pending) -> Committed:
         """The oldest draft is verified: commit it, or its verified token, rolling back there."""

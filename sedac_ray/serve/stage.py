@@ -15,9 +15,14 @@ chunks of at most ``prefill_chunk_tokens`` tokens per sequence: between chunks, 
 get the layers, so a long prompt holds decoding back for one chunk at a time.
 
 Speculative rows (lossless mode): a row that exits is a *draft*. Its token goes to the LM head at
-once, and the same hidden state runs on at full depth as a VERIFY row (from its exit layer to the
-end of this range, then through the deeper stages), writing exact K/V. The last stage drafts
-nothing and keeps each verified token for the front door (:meth:`StageServer.verified`). A wrong
+once (read out as the engine reads drafts: the model's draft head and its confidence gate), and
+the same hidden state runs on at full depth as a VERIFY row (from its exit layer to the end of
+this range, then through the deeper stages), writing exact K/V. At the last stage speculative
+rows run to full depth; with a draft head they are drafts too, answered from the draft head, and
+their full-head read-out (the verification) follows the reply, so it overlaps with the next
+step's first stages. A batch with a row below the gate (or any row that needs the full head)
+reads every row with the full head at once, drafting none: the head costs about the same. The last
+stage keeps each verified token for the front door (:meth:`StageServer.verified`). A wrong
 draft makes the front door resume from the verified token with a new epoch (the position it
 rolled back to); the first row of that epoch rolls the sequence back in each stage, and rows of
 older epochs are dropped wherever they still are. Their K/V past that position is zeroed before
@@ -46,11 +51,12 @@ from sedac_ray.runtime.check import checked_adapter
 from sedac_ray.serve.batcher import Batcher, wait_set
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.errors import Overloaded, ServeError, as_serve_error
-from sedac_ray.serve.head import load_exit_adapters, read_out
+from sedac_ray.serve.head import as_verify, load_drafts, load_exit_adapters, read_out
 from sedac_ray.serve.metrics import StageMetrics
 from sedac_ray.serve.routing import pin
 from sedac_ray.serve.stage_core import PrefillChunk, StageCore, StageOutput, VerifiedTokens
 from sedac_ray.serve.transport import (
+    SPECULATIVE,
     VERIFY,
     PrefillMessage,
     PrefillResult,
@@ -109,6 +115,13 @@ class StageServer:
         self.next_stage, self.head = next_stage, head
         # The last stage reads out the rows that finish here, exits included, like the LM head.
         self.exit_adapters = load_exit_adapters(self.config, adapter) if next_stage is None else None
+        # ... and its speculative rows as the engine reads drafts out (draft head and gate).
+        self.drafts, self.draft_odds = (
+            load_drafts(self.config, adapter, self.exit_adapters) if next_stage is None else (None, None)
+        )
+        self.drafted = 0  # last stage: speculative rows answered with a draft, verified later
+        self._unverified: list[Rows] = []  # those drafts, waiting for their full-head read-out
+        self._verifying: asyncio.Task | None = None  # reads them out between batches
         self.rows_computed = 0  # decode rows run here
         self.compute_s = 0.0  # wall time spent in decode compute
         self.compute_lock = asyncio.Lock()  # one batch at a time; the event loop stays free
@@ -249,11 +262,13 @@ class StageServer:
             rows = self.core.current(Rows.concat([m.rows for m in messages]))
             fill = self.core.current(Rows.concat([m.fill for m in messages]))
             rolled_back = self.core.take_rolled_back()
+            unverified = self._take_unverified()
             started = time.perf_counter()
-            out, read = await asyncio.to_thread(self._compute, rows, fill, rolled_back)
+            out, read, verified = await asyncio.to_thread(self._compute, rows, fill, rolled_back, unverified)
             self.compute_s += time.perf_counter() - started
             self.core.wrote(rows)
             self.core.wrote(fill)
+            self._keep_verified(unverified, verified)
         self.rows_computed += len(rows)
         self.metrics.batch(len(rows), self.batcher.queued)
 
@@ -263,6 +278,13 @@ class StageServer:
             answers = dict(zip(out.exited.seq_ids, read, strict=True))
             verifying = np.flatnonzero(out.exited.modes == VERIFY).tolist()
             self._keep_verified(out.exited.take(verifying), [read[i] for i in verifying])
+            drafted = [i for i, answer in enumerate(read) if answer.draft]
+            if drafted:
+                self._verify_later(out.exited.take(drafted))
+            # Verifications ready here go back with the sequence's next row: no call of their own.
+            for i in np.flatnonzero(out.exited.modes == SPECULATIVE).tolist():
+                ready = self.verifications.take(out.exited.seq_ids[i], int(out.exited.epochs[i]))
+                read[i].verified = ready or None
             done = loop.create_future()
             done.set_result(answers)
             futures.update(dict.fromkeys(answers, done))
@@ -278,15 +300,62 @@ class StageServer:
         return [{s: futures[s] for s in m.rows.seq_ids} for m in messages]
 
     def _compute(
-        self, rows: Rows, fill: Rows, rolled_back: list[tuple[int, int]]
-    ) -> tuple[StageOutput, list[TokenResult] | None]:
+        self, rows: Rows, fill: Rows, rolled_back: list[tuple[int, int]], unverified: Rows
+    ) -> tuple[StageOutput, list[TokenResult] | None, list[TokenResult]]:
         """The batch through this stage's layers; the last stage also reads out every row that
-        finished (it drafts nothing, so all of them are final or verifications)."""
+        finished, and the full-depth tokens of ``unverified`` drafts in the same head call."""
         self.core.zero(rolled_back)
         out = self.core.compute(rows, fill)
         if self.next_stage is not None:
-            return out, None
-        return out, read_out(self.adapter, out.exited, self.exit_adapters) if len(out.exited) else []
+            return out, None, []
+        finished = len(out.exited)
+        both = Rows.concat([out.exited, unverified])
+        if not len(both):
+            return out, [], []
+        # Speculative rows end here at full depth: with a draft head they are drafts, read out
+        # cheaply, and their full-head verification comes after the reply (_verify_later). That
+        # pays only when the batch needs no full head at all: one below the gate is read out by
+        # the full head now (as in the engine), and once the full head runs for a batch, every
+        # row takes it (it is read whole per call, so a few more rows cost little; the engine's
+        # verification takes every pending draft along the same way), drafting none.
+        # The draft head's read is skipped where it would rarely spare the full head (DraftOdds).
+        if (
+            self.drafts is not None
+            and bool((both.modes == SPECULATIVE).all())
+            and self.draft_odds.worth(len(both))
+        ):
+            read = read_out(self.adapter, both, self.exit_adapters, self.drafts)
+            self.draft_odds.saw([answer.confident for answer in read])
+            if all(answer.confident for answer in read):
+                return out, read, []
+        read = read_out(self.adapter, both, self.exit_adapters)
+        return out, read[:finished], read[finished:]
+
+    def _verify_later(self, drafted: Rows) -> None:
+        """Drafts made here get their full-depth token from the full head after the reply: in the
+        next batch's read-out, or between batches when none comes first (so at one stream it
+        overlaps with the next step's first stages). The front door gets it with that
+        sequence's next reply, or from its poll (:meth:`verified`)."""
+        self.drafted += len(drafted)
+        self._unverified.append(as_verify(drafted))
+        if self._verifying is None or self._verifying.done():
+            self._verifying = asyncio.get_running_loop().create_task(self._verify_between_batches())
+
+    def _take_unverified(self) -> Rows:
+        """The drafts still to verify, of sequences held here and not rolled back since."""
+        rows = self.core.current(Rows.concat(self._unverified))
+        self._unverified = []
+        return rows
+
+    async def _verify_between_batches(self) -> None:
+        async with self.compute_lock:
+            rows = self._take_unverified()
+            if not len(rows):  # a batch read them out first
+                return
+            started = time.perf_counter()
+            read = await asyncio.to_thread(read_out, self.adapter, rows, self.exit_adapters)
+            self.compute_s += time.perf_counter() - started
+        self._keep_verified(rows, read)
 
     def _send_downstream(self, continuing: Rows, fill: Rows, verify: Rows) -> dict[str, asyncio.Future]:
         """One message per next-stage replica; returns seq_id -> call for the continuing rows.
@@ -339,7 +408,7 @@ class StageServer:
 
     def _log_failure(self, future: asyncio.Future) -> None:
         if not future.cancelled() and future.exception() is not None:
-            logger.error(f"stage {self.stage_index}: K/V fill downstream failed: {future.exception()!r}")
+            logger.error(f"stage {self.stage_index}: a call nobody awaits failed: {future.exception()!r}")
 
     # ---- sequence table ----------------------------------------------------------------------
 
@@ -380,6 +449,7 @@ class StageServer:
             "mean_batch_rows": self.rows_computed / max(1, self.batcher.batches),
             "prefill_batches": self.prefills.batches,
             "decode_compute_s": self.compute_s,
+            "drafted_here": self.drafted,
             "torch_threads": torch.get_num_threads(),
             "kv_slots_in_use": self.core.layers.cache.slots_in_use,
             "kv_slots": self.core.num_slots,

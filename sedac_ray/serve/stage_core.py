@@ -307,8 +307,9 @@ class StageCore:
                 hidden = unpack_hidden(rows.hidden, rows.hidden_dtype, device)
             speculative = rows.modes == SPECULATIVE
             if self.is_last and speculative.any():
-                # A draft here would overlap with nothing (its verification ends in this same
-                # step) and cost an extra read-out: run these rows at full depth instead.
+                # A draft here would overlap with nothing (its deeper layers run in this same
+                # step): run these rows at full depth; the stage may still read them out as
+                # drafts, with the draft head, and verify them with the full head after replying.
                 rows.rules = rows.rules.copy()
                 rows.rules[speculative] = ExitPolicy.disabled().rule()
                 speculative[:] = False
@@ -391,6 +392,11 @@ class VerifiedTokens:
     def __init__(self) -> None:
         self._kept: dict[str, dict[tuple[int, int], object]] = {}  # seq -> (position, epoch) -> token
         self._changed: dict[str, asyncio.Event] = {}
+
+    def take(self, seq_id: str, epoch: int) -> dict[int, object]:
+        """Every verification of the sequence's ``epoch`` kept so far (position -> token), taken."""
+        kept = self._kept.get(seq_id, {})
+        return {p: kept.pop((p, e)) for p, e in list(kept) if e == epoch}
 
     def keep(self, seq_id: str, position: int, epoch: int, answer) -> None:
         self._kept.setdefault(seq_id, {})[(position, epoch)] = answer

@@ -145,6 +145,13 @@ class TokenResult:
     token: int
     exit_layer: int
     logprobs: TokenLogprobs | None = None  # when the row's sampling params ask for them
+    # Speculative rows read out by the draft head: a guess that full-depth verification checks
+    # (even at full depth: the full head was not applied), and whether it reached the draft gate.
+    draft: bool = False
+    confident: bool = True
+    # Last stage, speculative rows: verifications of the sequence's earlier drafts (position ->
+    # full-depth token) ready when this row finished, so the front door needs no call for them.
+    verified: dict[int, TokenResult] | None = None
 
 
 @dataclass

@@ -41,6 +41,16 @@ exit layers; ``L`` means it never exits):
   step messages. At most ``draft_limit`` positions with unverified inputs are in flight per
   sequence. Tokens count once verified, so time per token is what a client streaming verified
   tokens sees.
+* ``speculative`` with a draft head (``Pipeline.draft_head``), as served since the draft head:
+  ``Workload.full_depth_drafts`` of the positions that reach the last stage pass the draft gate
+  there. A last-stage batch is read by the draft head first (its cost in the stage's batch) when
+  ``share ** rows`` times the head's cost pays for it, as served; if its rows all pass, they are
+  sent back as tokens are (the same messages, without the head's compute);
+  their full-head verification runs on the head server after that, and reaches the front door
+  with no message of its own (it travels with the sequence's next reply, or answers a poll). Any
+  other batch is read out by the full head as without drafts (the draft head's cost included).
+  When nothing drafts from an early exit, speculative steps go in the front door's groups, like
+  plain ones.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ import random
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 MODES = ("no_exit", "early_exit", "speculative")
 
@@ -109,6 +119,8 @@ class Pipeline:
     # Stage 0 waits this long for company when a lone message reaches it idle (its batcher's wait).
     stage0_wait_ms: float = 0.0
     fused_head: bool = False  # the single-process engine: one stage whose step includes the head
+    # Speculative: the last stage's draft read-out (the draft head); None: the last stage drafts nothing.
+    draft_head: Cost | None = None
 
     def __post_init__(self) -> None:
         if self.fused_head and self.stages != 1:
@@ -125,7 +137,9 @@ class Workload:
     concurrency: int  # sequences decoding at once (closed loop: each waits for its own tokens)
     tokens: int | Sequence[int]  # decode tokens per sequence, or each one's (prefill is not simulated)
     exit_layers: Sequence[int] = ()  # drawn with replacement per token; empty: nothing exits
-    acceptance: float = 1.0  # speculative: probability that an early draft is the full-depth token
+    acceptance: float = 1.0  # speculative: probability that a draft is the full-depth token
+    # Speculative with a draft head: the share of positions reaching the last stage that draft there.
+    full_depth_drafts: float = 0.0
     stagger_ms: float = 0.0  # sequence i starts at i * stagger_ms / concurrency (0: all at once)
     seed: int = 0
 
@@ -154,6 +168,7 @@ class _Row:
     epoch: int
     exit_layer: int
     role: str  # stages: "decode", "fill", "verify"; head: "token", "draft", "verify"
+    full_draft: bool = False  # drafts at the last stage, with the draft head
 
 
 @dataclass
@@ -167,7 +182,8 @@ class _Sequence:
     committed: int = 0
     started_ms: float = 0.0
     finished_ms: float | None = None
-    exits: dict[int, tuple[int, bool]] = field(default_factory=dict)  # position -> (exit, accepted)
+    # position -> (exit layer, drafted, accepted)
+    exits: dict[int, tuple[int, bool, bool]] = field(default_factory=dict)
     epoch_start: dict[int, int] = field(default_factory=lambda: {0: 0})  # epoch -> its first position
 
 
@@ -211,6 +227,8 @@ class Simulation:
         shared = _Device(pipeline.shared_slots) if pipeline.shared_slots else None
         self.devices = {s.name: shared or _Device(1) for s in [*self.stages, self.head]}
         self.shared = shared
+        self._drafts_at_last_stage = mode == "speculative" and pipeline.draft_head is not None
+        self._held: dict[int, list[_Row]] = defaultdict(list)  # seq -> verifications riding the next reply
         self.watermark: dict[tuple[int, int], int] = defaultdict(int)  # (stage, seq) -> next position
         self.stage_epoch: dict[tuple[int, int], int] = defaultdict(int)  # (stage, seq) -> newest seen
         lengths = workload.tokens
@@ -259,8 +277,9 @@ class Simulation:
 
     # ---- messages and devices ---------------------------------------------------------------
 
-    def _send(self, rows: list[_Row], server: _Server | None) -> None:
-        """One message: after ``hop_ms`` the rows reach ``server`` (None: the front door)."""
+    def _send(self, rows: list[_Row], server: _Server | None, hops: int = 1) -> None:
+        """A message: after ``hops`` hops of ``hop_ms`` each, the rows reach ``server`` (None: the
+        front door). No hops: work that needs no message of its own."""
 
         def arrive() -> None:
             if server is None:
@@ -271,18 +290,21 @@ class Simulation:
                 # After every arrival of this instant: a batch takes all rows that arrive together.
                 self.at(0.0, lambda: self._try_start(server))
 
-        if self.pipeline.fused_head:
+        if self.pipeline.fused_head or hops == 0:
             self.at(0.0, arrive)
             return
+        self._hop(arrive if hops == 1 else lambda: self._send(rows, server, hops - 1))
+
+    def _hop(self, then: Callable[[], None]) -> None:
         hop, share = self.costs.hop_ms, self.costs.hop_cpu_share
         if self.shared is None or share <= 0:
-            self.at(hop, arrive)
+            self.at(hop, then)
             return
         shared = self.shared
 
         def sent() -> None:  # the CPU part is done: the rest is waiting
             self._release(shared)
-            self.at(hop * (1 - share), arrive)
+            self.at(hop * (1 - share), then)
 
         self._acquire(shared, lambda: self.at(hop * share, sent))
 
@@ -371,6 +393,8 @@ class Simulation:
         first, last = server.span
         # The engine reads every row's token in the same step (rows leaving the range).
         total = costs.head(sum(r.role != "fill" for r in batch)) if self.pipeline.fused_head else 0.0
+        if server is self.stages[-1] and self._tries_drafts(sum(r.role == "decode" for r in batch)):
+            total += self.pipeline.draft_head(sum(r.role == "decode" for r in batch))  # reads every row
         for layer in range(first, last + 1):
             full = sum(self._runs(row, layer) for row in batch)
             total += costs.layer(full) + costs.fill(len(batch) - full)
@@ -384,6 +408,35 @@ class Simulation:
             return False
         return self.mode == "speculative" or row.role == "verify" or layer <= row.exit_layer
 
+    def _tries_drafts(self, rows: int) -> bool:
+        """Whether the last stage reads a batch of ``rows`` with the draft head first: only where
+        that may spare the full head often enough to pay for itself (``DraftOdds`` as served)."""
+        if not self._drafts_at_last_stage or rows == 0:
+            return False
+        share = self.workload.full_depth_drafts
+        return share**rows * self.costs.head(rows) >= self.pipeline.draft_head(rows)
+
+    def _undraft(self, batch: list[_Row]) -> None:
+        """The last stage's batch needs the full head (a row below the gate, or not speculative):
+        it reads every row with it, drafting none (as served)."""
+        for row in batch:
+            if row.full_draft:
+                row.full_draft = False
+                exits = self.sequences[row.seq].exits
+                if row.position in exits:
+                    exits[row.position] = (exits[row.position][0], False, True)
+
+    def _verified_quietly(self, row: _Row) -> None:
+        """A draft-head draft's verification is ready at the last stage: it travels with the
+        sequence's next reply (the front door steps on from the draft), or answers the front
+        door's poll (one message) when no further step comes: the last position, or the draft
+        limit reached."""
+        sequence = self.sequences[row.seq]
+        if row.position + 1 < sequence.tokens and sequence.pending_draft is None:
+            self._held[row.seq].append(row)
+        else:
+            self._send([row], None)
+
     def _current_here(self, stage: int, row: _Row) -> bool:
         """Whether ``stage`` still runs ``row``: its sequence is not finished (released) and no
         newer epoch has reached the stage."""
@@ -391,21 +444,30 @@ class Simulation:
         return sequence.finished_ms is None and row.epoch >= self.stage_epoch[(stage, row.seq)]
 
     def _finish_batch(self, server: _Server, batch: list[_Row]) -> None:
-        if server.span is None:
-            self._send(batch, None)  # the front door ignores results of old epochs
+        if server.span is None:  # the front door ignores results of old epochs
+            self._send([r for r in batch if not r.full_draft], None)
+            for row in batch:
+                if row.full_draft:
+                    self._verified_quietly(row)
             return
         stage = self.stages.index(server)
         live = [r for r in batch if self._current_here(stage, r)]
         last = server.span[1]
         is_last = stage == len(self.stages) - 1
-        onward, to_head = [], []
+        tries = is_last and self._tries_drafts(sum(r.role == "decode" for r in batch))
+        if is_last and self._drafts_at_last_stage and not (tries and all(r.full_draft for r in live)):
+            self._undraft(live)
+        onward, to_head, drafted, verify_quietly = [], [], [], []
         for row in live:
             exits_here = row.role == "decode" and row.exit_layer <= last
             if self.mode == "speculative":
                 if exits_here and row.exit_layer < self.num_layers and not is_last:
                     to_head.append(_Row(row.seq, row.position, row.epoch, row.exit_layer, "draft"))
                     row.role = "verify"
-                if is_last:  # full depth: the verified token (or a token that never exited)
+                if is_last and row.full_draft and row.role == "decode":  # the draft head's draft
+                    drafted.append(_Row(row.seq, row.position, row.epoch, row.exit_layer, "draft"))
+                    verify_quietly.append(replace(drafted[-1], role="verify", full_draft=True))
+                elif is_last:  # full depth: the verified token (or a token that never exited)
                     to_head.append(_Row(row.seq, row.position, row.epoch, row.exit_layer, "verify"))
                 else:
                     onward.append(row)
@@ -417,6 +479,9 @@ class Simulation:
                 onward.append(row)
         if to_head:
             self._send(to_head, None if self.pipeline.fused_head else self.head)
+        if drafted:  # the messages a token read out by the head takes, without the head's compute
+            self._send(drafted, None, hops=2)
+            self._send(verify_quietly, self.head, hops=0)
         if onward:
             self._send(onward, self.stages[stage + 1])
 
@@ -424,12 +489,20 @@ class Simulation:
 
     def _issue(self, sequence: _Sequence, position: int) -> None:
         exit_layer = self.random.choice(self.exit_layers)
-        drafted = exit_layer < self.num_layers
+        full_draft = (
+            self._drafts_at_last_stage
+            and exit_layer >= self.num_layers
+            and self.random.random() < self.workload.full_depth_drafts
+        )
+        drafted = exit_layer < self.num_layers or full_draft
         accepted = not drafted or self.random.random() < self.workload.acceptance
-        sequence.exits[position] = (exit_layer, accepted)
+        sequence.exits[position] = (exit_layer, drafted, accepted)
         sequence.issued = position + 1
-        row = _Row(sequence.index, position, sequence.epoch, exit_layer, "decode")
-        if self.mode == "speculative":
+        row = _Row(sequence.index, position, sequence.epoch, exit_layer, "decode", full_draft)
+        # Speculative steps go at once, but those drafting only at full depth (the draft head,
+        # no early exits: a policy that is off) step in the groups, as the driver sends them.
+        grouped = self._drafts_at_last_stage and self.exit_layers == [self.num_layers]
+        if self.mode == "speculative" and not grouped:
             self._merge_speculative(row)
         elif self._fd_free is None:
             self._send([row], self.stages[0])
@@ -522,6 +595,10 @@ class Simulation:
 
     def _front_door(self, rows: list[_Row]) -> None:
         rows = self._fd_collect(rows)
+        for row in [r for r in rows if not r.full_draft]:  # a later row's reply brings them
+            held = self._held.get(row.seq, [])
+            rows += [h for h in held if h.position < row.position]
+            held[:] = [h for h in held if h.position >= row.position]
         # Verified tokens first: a draft that arrives with its own verification is already settled.
         for row in sorted(rows, key=lambda r: (r.role != "verify", r.seq, r.position)):
             sequence = self.sequences[row.seq]
@@ -543,12 +620,14 @@ class Simulation:
             self._issue(sequence, position + 1)
         else:
             sequence.pending_draft = position
+            if self._held.get(sequence.index):  # no step goes on to bring them: the poll does
+                self._send(self._held.pop(sequence.index), None)
 
     def _on_verified(self, sequence: _Sequence, position: int) -> None:
-        exit_layer, accepted = sequence.exits.pop(position)
+        _, drafted, accepted = sequence.exits.pop(position)
         sequence.next_verified = position + 1
         self._commit(sequence)
-        if exit_layer < self.num_layers:
+        if drafted:
             self.drafts_verified += 1
             self.accepted += accepted
         if sequence.finished_ms is not None:
