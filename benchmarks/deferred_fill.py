@@ -86,6 +86,7 @@ def wall_clock(
         "deferred_vs_propagated": ratio("deferred", "propagated"),
         "deferred_vs_off": ratio("deferred", "off"),
         "propagated_vs_off": ratio("propagated", "off"),
+        "seconds_all": times,  # per arm, per round: the pairs behind the ratios
     }
 
 
