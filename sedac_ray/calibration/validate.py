@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from sedac_ray.exit.probes import ExitProbes
 from sedac_ray.exit_adapters import ExitAdapters, exit_logits
 from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.policy import ExitPolicy
@@ -82,7 +83,9 @@ def teacher_forced(
     exit_adapters: ExitAdapters | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    probes: ExitProbes | None = None,
 ) -> TeacherForcedResult:
+    """``probes`` serve a probe policy's gate."""
     num_layers = adapter.num_layers
     device = adapter.device
     matches: list[bool] = []
@@ -97,7 +100,7 @@ def teacher_forced(
     ):
         prompts = prompt_ids[start : start + batch_size]
         targets = continuations[start : start + batch_size]
-        layers = LayerRange(adapter, 0, num_layers)
+        layers = LayerRange(adapter, 0, num_layers, probes=probes)
         slots = torch.tensor(layers.cache.allocate(len(prompts)))
         lengths = torch.tensor([len(ids) for ids in prompts])
         width = int(lengths.max())
