@@ -75,9 +75,9 @@ class Engine:
 
     ``deferred_fill=True`` gives exited tokens exact K/V instead of K/V propagated from their exit
     state: their deeper layers run in the next decode step beside the next token (see the module
-    docstring). Tokens still leave at their exit layer; the deferred layers are computed, so they
-    save latency per token only where the layer calls are shared, not compute
-    (``GenerationResult.deferred_layers``)."""
+    docstring). Tokens are still read out at their exit layer, but their deferred layers are
+    computed (``GenerationResult.deferred_layers`` counts them): it buys agreement, not compute.
+    Not with ``speculative``, which verifies every token at full depth anyway."""
 
     def __init__(
         self,
