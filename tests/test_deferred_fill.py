@@ -8,6 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from sedac_ray import Engine, ExitPolicy
+from sedac_ray.calibration.validate import free_running
 from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.model.loading import packaged_smollm2_dir
 from sedac_ray.runtime.layer_range import LayerRange, TokenRows
@@ -164,3 +165,21 @@ def test_deferred_rows_share_the_next_tokens_layer_calls(tokenizer):
 def test_deferred_fill_and_speculative_mode_exclude_each_other(tokenizer):
     with pytest.raises(ValueError, match="deferred_fill does not apply"):
         Engine(tiny_model("llama", tokenizer), ExitPolicy(0.9), speculative=True, deferred_fill=True)
+
+
+def test_free_running_counts_deferred_layers_as_computed(tokenizer):
+    """The benchmark's figure: deferred layers are run, so they are not saved."""
+    loaded = tiny_model("llama", tokenizer)
+    tau, k = AGGRESSIVE["llama"]
+    policy = ExitPolicy(tau, k=k)
+    engine = Engine(loaded, policy)
+    prompt_ids = [engine.encode(p, chat=False) for p in PROMPTS]
+    judged = free_running(loaded, prompt_ids, policy, MAX_NEW, progress=False, deferred_fill=True)
+    results, _ = generate(engine, prompt_ids, policy, deferred_fill=True)
+    tokens = sum(len(r.token_ids) - 1 for r in results)  # decode tokens; the prefill's is not judged
+    exited = sum(sum(r.exit_layers[1:]) for r in results)
+    deferred = sum(r.deferred_layers for r in results)
+    assert judged.tokens == tokens and judged.deferred_layers == deferred > 0
+    assert judged.layers_saved == pytest.approx(1 - (exited + deferred) / (tokens * engine.num_layers))
+    assert judged.exit_depth_saved == pytest.approx(1 - exited / (tokens * engine.num_layers))
+    assert judged.exit_depth_saved > judged.layers_saved
