@@ -23,6 +23,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,31 +48,39 @@ from sedac_ray.sampling import SamplingParams
 RUNTIME_FAMILIES = (V7, PROBE, V7_PROBE)
 
 
+def paired_times(arms: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each arm per round, the arms run back to back; the order rotates every round so
+    a change in machine load falls on every arm alike."""
+    names = list(arms)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            arms[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def wall_clock(
     engine: Engine, prompts: list[list[int]], policy: ExitPolicy, batch: int, tokens: int, rounds: int
 ):
     """Paired timing: per round, exits off then the policy (then swapped order next round)."""
-    ratios, off_times, on_times = [], [], []
     group = prompts[:batch]
-    off = ExitPolicy.disabled()
-    for round_index in range(rounds):
-        times = {}
-        order = (off, policy) if round_index % 2 == 0 else (policy, off)
-        for which in order:
-            start = time.perf_counter()
-            engine.generate_ids(group, tokens, SamplingParams(), [], which, ignore_eos=True)
-            times[which.enabled] = time.perf_counter() - start
-        off_times.append(times[False])
-        on_times.append(times[True])
-        ratios.append(times[False] / times[True])
+
+    def run(which: ExitPolicy) -> Callable[[], object]:
+        return lambda: engine.generate_ids(group, tokens, SamplingParams(), [], which, ignore_eos=True)
+
+    times = paired_times({"off": run(ExitPolicy.disabled()), "policy": run(policy)}, rounds)
+    ratios = [off / on for off, on in zip(times["off"], times["policy"], strict=True)]
     return {
         "batch": batch,
         "tokens": tokens,
         "rounds": rounds,
         "speedup_median": statistics.median(ratios),
         "speedups": ratios,
-        "off_s_median": statistics.median(off_times),
-        "policy_s_median": statistics.median(on_times),
+        "off_s_median": statistics.median(times["off"]),
+        "policy_s_median": statistics.median(times["policy"]),
     }
 
 

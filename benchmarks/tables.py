@@ -39,6 +39,11 @@ ABOUT = {
     "predictions (`python -m sedac_ray.sim --out ...`). GPU rows are assumptions, not measurements.",
     "soak.json": "Mixed traffic against the served pipeline (`benchmarks/soak.py`, `make soak`).",
     "quality.json": "Quality against layers saved per exit policy (`sedac bench quality`).",
+    "deferred_fill.json": "Exited tokens' deeper K/V by state propagation or by deferred fill (FREE: "
+    "their deeper layers run in the next step beside the next token), same policies, held-out prompts, "
+    "free-running (`benchmarks/deferred_fill.py --batches 1 8 --rounds 5`). 'saved (compute)' counts "
+    "deferred layers as run, not saved; 'saved (read-out depth)' is the share of layers before each "
+    "token is read out. Wall clock: exits off, propagation and deferred fill back to back, order rotated.",
 }
 
 # (column heading, field) per known list of records; a field may be a callable on the record.
@@ -101,6 +106,28 @@ COLUMNS: dict[tuple[str, str], list[Column]] = {
         ("head", lambda r: r["where_time_goes_ms_per_token"]["head_compute_ms"]),
         ("wall", lambda r: r["where_time_goes_ms_per_token"]["wall_ms"]),
         ("not compute", lambda r: r["where_time_goes_ms_per_token"]["not_compute_ms"]),
+    ],
+    ("deferred_fill.json", "quality"): [
+        ("policy family", "family"),
+        ("exited K/V", "kv"),
+        ("setting", "policy"),
+        ("tokens", "tokens"),
+        ("agreement", "agreement"),
+        ("saved (compute)", "layers_saved"),
+        ("saved (read-out depth)", "exit_depth_saved"),
+        ("deferred layers run", "deferred_layers"),
+    ],
+    ("deferred_fill.json", "wall_clock"): [
+        ("policy family", "family"),
+        ("batch", "batch"),
+        ("tokens", "tokens"),
+        ("rounds", "rounds"),
+        ("off tok/s", "off_tok_s"),
+        ("propagated tok/s", "propagated_tok_s"),
+        ("deferred tok/s", "deferred_tok_s"),
+        ("deferred / propagated", "deferred_vs_propagated"),
+        ("deferred / off", "deferred_vs_off"),
+        ("propagated / off", "propagated_vs_off"),
     ],
     ("speculative_sim.json", "figures"): [
         ("figure", "name"),

@@ -76,7 +76,12 @@ def cmd_generate(args) -> int:
     policy = _policy(args, base)
     print(f"[sedac] exit policy {policy.describe()} (base: {source})", file=sys.stderr)
     engine = Engine(
-        loaded, policy, speculative=args.speculative, draft_limit=args.draft_limit, adapters=adapters
+        loaded,
+        policy,
+        speculative=args.speculative,
+        draft_limit=args.draft_limit,
+        adapters=adapters,
+        deferred_fill=args.deferred_fill,
     )
     result = engine.generate(
         args.prompt,
@@ -101,15 +106,24 @@ def cmd_generate(args) -> int:
                     "mean_layers": round(result.mean_layers, 3),
                     "finish_reason": result.finish_reason,
                     **({"speculative": result.speculative.as_dict()} if result.speculative else {}),
+                    **(
+                        {"deferred_layers": result.deferred_layers}
+                        if result.deferred_layers is not None
+                        else {}
+                    ),
                 }
             )
         )
     else:
         print(result.text)
-        saved = 1 - result.mean_layers / engine.num_layers
+        # Deferred layers run later, so they are not saved.
+        deferred = result.deferred_layers
+        computed = result.mean_layers + (deferred or 0) / max(len(result.token_ids), 1)
+        saved = 1 - computed / engine.num_layers
+        ran_later = f", {deferred} deferred layers run" if deferred is not None else ""
         print(
             f"[{len(result.token_ids)} tokens, policy {policy.describe()}, mean layers "
-            f"{result.mean_layers:.1f}/{engine.num_layers} ({saved:.0%} saved), "
+            f"{result.mean_layers:.1f}/{engine.num_layers} ({saved:.0%} saved{ran_later}), "
             f"finish: {result.finish_reason}]",
             file=sys.stderr,
         )
@@ -169,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument(
         "--draft-limit", type=int, default=4, help="with --speculative: drafts per verification (default 4)"
+    )
+    generate.add_argument(
+        "--deferred-fill",
+        action="store_true",
+        help="exited tokens get exact K/V: their deeper layers run in the next step (FREE), not propagated",
     )
     _add_model_args(generate)
     _add_policy_args(generate)

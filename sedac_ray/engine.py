@@ -4,6 +4,10 @@ Prefill runs every prompt token through every layer. Each decode step embeds the
 every unfinished sequence, runs one :class:`LayerRange` over the whole model (where tokens exit
 and leave the working group), reads logits from each token's exit hidden state, and samples.
 Finished sequences leave the batch.
+
+With ``deferred_fill`` (FREE's synchronized parallel decoding, Bae et al. 2023), a token that exits
+gets no propagated K/V: its deeper layers run at full computation in the next step, in the same
+layer calls as the next token, so every token attends to the K/V full-depth decoding would hold.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from sedac_ray.speculative import DEFAULT_DRAFT_LIMIT, SpeculativeDecoder, Specu
 
 Prompt = str | Sequence[dict]
 log = logging.getLogger("sedac_ray.engine")
+DEFERRED_FILL_IS_NOT_SPECULATIVE = (
+    "deferred_fill does not apply to speculative mode: it verifies every token at full depth"
+)
 
 
 @dataclass
@@ -42,6 +49,9 @@ class GenerationResult:
     # Speculative mode only: acceptance statistics. There every token is verified at full depth;
     # exit_layers then holds the draft's exit layer for an accepted draft, L for a verified token.
     speculative: SpeculativeStats | None = None
+    # Deferred fill only: layers run later for this sequence's exited tokens (computed, not saved).
+    # Layers computed in all = sum(exit_layers) + deferred_layers.
+    deferred_layers: int | None = None
 
     @property
     def mean_layers(self) -> float:
@@ -61,7 +71,13 @@ class Engine:
     output equals full-depth decoding token for token. When the model has a speculation file
     (:func:`~sedac_ray.draft_head.find_speculation`), drafts are read out by its draft head, and
     ``Engine(model, speculative=True)`` without a policy or ``draft_limit`` uses the settings the
-    cost model chose (:mod:`sedac_ray.cost_model`)."""
+    cost model chose (:mod:`sedac_ray.cost_model`).
+
+    ``deferred_fill=True`` gives exited tokens exact K/V instead of K/V propagated from their exit
+    state: their deeper layers run in the next decode step beside the next token (see the module
+    docstring). Tokens are still read out at their exit layer, but their deferred layers are
+    computed (``GenerationResult.deferred_layers`` counts them): it buys agreement, not compute.
+    Not with ``speculative``, which verifies every token at full depth anyway."""
 
     def __init__(
         self,
@@ -71,8 +87,12 @@ class Engine:
         draft_limit: int | None = None,
         adapters: ExitAdapters | str | os.PathLike | None = None,
         probes: ExitProbes | str | os.PathLike | None = None,
+        deferred_fill: bool = False,
     ):
+        if speculative and deferred_fill:
+            raise ValueError(DEFERRED_FILL_IS_NOT_SPECULATIVE)
         self.speculative = bool(speculative)
+        self.deferred_fill = bool(deferred_fill)
         self.loaded = model
         self.tokenizer = model.tokenizer
         self.adapter = ModelAdapter(model.model)
@@ -165,10 +185,11 @@ class Engine:
         policy: ExitPolicy | None = None,
         ignore_eos: bool = False,
         speculative: bool | None = None,
+        deferred_fill: bool | None = None,
     ) -> list[GenerationResult]:
         """Generate for a batch of prompts (strings, or message lists with ``chat=True``).
         ``ignore_eos`` keeps generating past EOS (for benchmarks that need a fixed length);
-        ``speculative`` overrides the engine's mode for this call."""
+        ``speculative`` and ``deferred_fill`` override the engine's settings for this call."""
         if isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]
         if not prompts:
@@ -180,7 +201,9 @@ class Engine:
         stop = [s for s in (stop or []) if s]
         prompt_ids = [self.encode(p, chat) for p in prompts]
         self._check_lengths(prompt_ids, max_new_tokens)
-        return self.generate_ids(prompt_ids, max_new_tokens, params, stop, policy, ignore_eos, speculative)
+        return self.generate_ids(
+            prompt_ids, max_new_tokens, params, stop, policy, ignore_eos, speculative, deferred_fill
+        )
 
     def generate_ids(
         self,
@@ -191,11 +214,20 @@ class Engine:
         policy: ExitPolicy,
         ignore_eos: bool = False,
         speculative: bool | None = None,
+        deferred_fill: bool | None = None,
+        layers: LayerRange | None = None,
     ) -> list[GenerationResult]:
+        """:meth:`generate` on token ids. ``layers`` is the whole-model range to decode in (a
+        fresh one by default; a test passes its own to read the K/V left behind)."""
         adapter = self.adapter
         device = adapter.device
         batch = len(prompt_ids)
-        layers = LayerRange(adapter, 0, self.num_layers, probes=self.probes)
+        speculative = self.speculative if speculative is None else speculative
+        deferred_fill = self.deferred_fill if deferred_fill is None else deferred_fill
+        if speculative and deferred_fill:
+            raise ValueError(DEFERRED_FILL_IS_NOT_SPECULATIVE)
+        if layers is None:
+            layers = LayerRange(adapter, 0, self.num_layers, probes=self.probes)
         slots = torch.tensor(layers.cache.allocate(batch))
         eos_ids = set() if ignore_eos else self.eos_ids
         completions = [Completion(self.tokenizer, max_new_tokens, eos_ids, stop) for _ in prompt_ids]
@@ -214,7 +246,7 @@ class Engine:
         positions = lengths.clone()
         rules = policy.rules(batch)
         stats: list[SpeculativeStats | None] = [None] * batch
-        if self.speculative if speculative is None else speculative:
+        if speculative:
             # Decodes every sequence to its end; the plain loop below then finds nothing to do.
             decoder = SpeculativeDecoder(
                 layers,
@@ -224,8 +256,16 @@ class Engine:
                 confidence=self.draft_confidence,
             )
             stats = decoder.run(completions, slots, positions, params, rules)
+        # Deferred fill: the rows that exited last step, to run on from their exit layer. A finished
+        # sequence's row is dropped: no later token of it attends there.
+        pending: TokenRows | None = None
+        deferred_layers = [0] * batch
         while active := [i for i, c in enumerate(completions) if not c.finished]:
             index = torch.tensor(active)
+            if pending is not None:
+                pending = pending.select(torch.isin(pending.ids, index).nonzero()[:, 0])
+                for row, layer in zip(pending.ids.tolist(), pending.exit_layer.tolist(), strict=True):
+                    deferred_layers[row] += self.num_layers - layer
             inputs = torch.tensor([completions[i].token_ids[-1] for i in active], device=device)
             rows = TokenRows(
                 ids=index,
@@ -234,7 +274,9 @@ class Engine:
                 hidden=adapter.embed_tokens(inputs),
                 rules=rules[index],
             )
-            exited = layers.decode(rows).exited
+            exited = layers.decode(rows, propagate=not deferred_fill, deferred=pending).exited
+            if deferred_fill:
+                pending = exited.select((exited.exit_layer < self.num_layers).nonzero()[:, 0])
             rows_out = exited.ids.tolist()
             tokens = choose_tokens(
                 self.exit_logits(exited.hidden, exited.exit_layer),
@@ -253,6 +295,7 @@ class Engine:
                 prompt_token_ids=ids,
                 num_layers=self.num_layers,
                 speculative=s,
+                deferred_layers=d if deferred_fill else None,
             )
-            for c, ids, s in zip(completions, prompt_ids, stats, strict=True)
+            for c, ids, s, d in zip(completions, prompt_ids, stats, deferred_layers, strict=True)
         ]

@@ -17,6 +17,7 @@ import torch
 
 from sedac_ray.completion import Completion
 from sedac_ray.model.loading import load_tokenizer_and_config
+from sedac_ray.policy import ExitPolicy
 from sedac_ray.sampling import SamplingParams, TokenLogprobs, choose_tokens, token_logprobs
 from sedac_ray.serve.errors import InvalidRequest, MalformedRequest, Overloaded
 from sedac_ray.serve.openai_protocol import OpenAIResponses, build_arguments, parse_body
@@ -178,6 +179,27 @@ def test_builder_checks_the_new_fields(builder):
     ]:
         with pytest.raises(InvalidRequest, match=message):
             builder.build(messages=MESSAGES, **arguments)
+
+
+def test_a_probe_threshold_is_served_only_where_the_stages_hold_probes(builder, tokenizer):
+    body = parse_body({"messages": MESSAGES, "sedac": {"probe": 0.9, "min_layer": 8}}, chat=True)
+    overrides = build_arguments(body, chat=True)["exit_overrides"]
+    assert overrides == {
+        "probe": 0.9,
+        "min_layer": 8,
+        "disable_exit": False,
+        "speculative": False,
+        "stream_drafts": False,
+    }
+    with pytest.raises(InvalidRequest, match="needs exit probes, and smollm2-135m has none here"):
+        builder.build(messages=MESSAGES, exit_overrides=overrides)
+    with_probes = RequestBuilder(
+        tokenizer, "smollm2-135m", 30, 8192, builder.default_policy, 16, exit_probes=True
+    )
+    request = with_probes.build(messages=MESSAGES, exit_overrides=overrides)
+    assert request.policy == ExitPolicy(0.99, k=3, min_layer=8, probe=0.9)  # the server's tau, K kept
+    with pytest.raises(InvalidRequest, match="probe must be a threshold in"):
+        with_probes.build(messages=MESSAGES, exit_overrides={"probe": 1.5})
 
 
 # ---- sampling: penalties and logprobs against independent recomputation ---------------------

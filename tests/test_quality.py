@@ -9,6 +9,7 @@ import torch
 
 from sedac_ray import Engine, ExitPolicy
 from sedac_ray.calibration.adapter_fit import fit_exit_adapters
+from sedac_ray.calibration.probe_fit import PROBE, V7_PROBE
 from sedac_ray.calibration.prompts import PROMPT_SETS, load_prompts
 from sedac_ray.calibration.report import QualityBench
 from sedac_ray.calibration.sweep import CALM, NO_EXIT, ORACLE, STABLE_ORACLE, V6, V7, WINDOW, SweepGrid
@@ -141,8 +142,16 @@ def test_quality_report_files_are_produced_and_readable(smollm2, tmp_path):
     for family in (V7, WINDOW, V6, CALM, ORACLE, STABLE_ORACLE):
         assert (family, "plain") in families and (family, "adapters") in families
     assert (NO_EXIT, "plain") in families
-    engine_rows = [r for r in report["rows"] if r["family"] in (V7, WINDOW) and r.get("setting")]
-    assert engine_rows and all("heldout_runtime" in r and "wallclock" in r for r in engine_rows)
+    # Probe families read the plain head (their probes are labelled by it).
+    assert {(PROBE, "plain"), (V7_PROBE, "plain")} <= families
+    assert not {(PROBE, "adapters"), (V7_PROBE, "adapters")} & families
+    engine_rows = [
+        r for r in report["rows"] if r["family"] in (V7, WINDOW, PROBE, V7_PROBE) and r.get("setting")
+    ]
+    assert {r["family"] for r in engine_rows} & {PROBE, V7_PROBE}  # a probe policy ran in the engine
+    for row in engine_rows:
+        assert {"heldout_runtime", "heldout_free_running", "wallclock", "wallclock_batch8"} <= set(row)
+        assert row["wallclock_batch8"]["batch"] == 8
     assert report["pareto"]["plain"]["heldout"][ORACLE][-1][0] == 1.0
     table = (tmp_path / "out" / "quality.md").read_text()
     assert "| policy |" in table and "oracle" in table and "V6 entropy" in table

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from sedac_ray.deploy.validate import file_problems, serve_config_problems
+from sedac_ray.policy import ExitPolicy
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.protos import generate
 
@@ -65,6 +66,15 @@ def test_app_args_keep_their_defaults_and_round_trip():
     # Replicas get the args back as a dict (build_app passes model_dump(exclude_unset=True)).
     assert PipelineConfig.from_args(config.model_dump(exclude_unset=True)) == config
     assert config.model_dump(exclude_unset=True) == {"stages": 2, "exit": {"tau": 0.99, "k": 3}}
+
+
+def test_a_probe_policy_is_the_default_only_where_the_model_has_exit_probes():
+    config = PipelineConfig.from_args({"exit": {"probe": 0.9, "min_layer": 20}})
+    assert config.default_policy() == ExitPolicy(tau=None, min_layer=20, probe=0.9)
+    assert config.exit_probes_path(30).is_file()  # the shipped fp32 calibration's probes
+    assert PipelineConfig.from_args({"dtype": "bf16"}).exit_probes_path(30) is None  # none for bf16
+    with pytest.raises(ValueError, match="needs exit probes; smollm2-135m has none"):
+        PipelineConfig.from_args({"dtype": "bf16", "exit": {"probe": 0.9}})
 
 
 def test_serve_validates_app_args_against_pipeline_config_when_building():

@@ -50,6 +50,32 @@ def test_pipeline_with_exits_equals_engine(pipeline, smollm2):
     assert exit_stages >= {0, 1}  # tokens left the pipeline early from stage 0 and from stage 1
 
 
+def test_pipeline_with_a_probe_policy_equals_engine(pipeline, smollm2):
+    """Per-request V7+probe policies: every stage gates exits on the model's calibrated exit probes
+    as the engine does (exit adapters on in both), so tokens and exit layers are equal."""
+    engine = Engine(smollm2, adapters=pipeline.args["exit_adapters"])
+    assert engine.probes is not None  # the shipped calibration's probes, as the stages load them
+    exit_stages, gated = set(), False
+    for tau, k, probe in [(0.9, 2, 0.5), (0.95, 2, 0.7)]:
+        for prompt in CHAT_PROMPTS:
+            sedac = {"tau": tau, "k": k, "probe": probe}
+            choice = chat(pipeline, prompt, max_tokens=MAX_TOKENS, sedac=sedac)["choices"][0]
+            policy = ExitPolicy(tau, k=k, probe=probe)
+            reference = engine.generate(prompt, max_new_tokens=MAX_TOKENS, chat=True, policy=policy)[0]
+            assert (choice["token_ids"], choice["exit_layers"]) == (
+                reference.token_ids,
+                reference.exit_layers,
+            )
+            exit_stages.update((layer - 1) // 10 for layer in choice["exit_layers"] if layer < 30)
+            if not gated:  # without the probe gate, the same V7 rule exits elsewhere
+                ungated = engine.generate(
+                    prompt, max_new_tokens=MAX_TOKENS, chat=True, policy=ExitPolicy(tau, k=k)
+                )
+                gated = ungated[0].exit_layers != reference.exit_layers
+    assert exit_stages == {0, 1, 2}  # probe-gated exits in every stage
+    assert gated  # the probe gate changed exits: the comparison covers it
+
+
 def test_grpc_matches_hf_and_streams_the_same_tokens(pipeline, smollm2):
     client = pipeline.grpc
     reply = client.generate(CHAT_PROMPTS[0], chat=True, max_tokens=MAX_TOKENS, disable_exit=True)

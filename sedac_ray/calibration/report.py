@@ -1,12 +1,15 @@
 """``sedac bench quality``: every exit policy family on the same prompts, side by side.
 
-* Settings of each family (V7, window, V6, CALM) are chosen on the calibration prompts for each
-  target agreement, then judged unchanged on the held-out prompts, offline (traces).
+* Settings of each family (V7, window, probe, V7+probe, V6, CALM) are chosen on the calibration
+  prompts for each target agreement, then judged unchanged on the held-out prompts, offline
+  (traces). Probe families read cross-fitted probe scores on the calibration prompts and probes
+  fitted on all of them for the held-out ones (plain head readout only).
 * The oracle frontier and the stable oracle come from the held-out traces themselves (bounds).
 * With exit adapters: the same, on a cross-fitted readout for the calibration prompts and on
   adapters fitted on all calibration prompts for the held-out ones.
-* V7 and window points (the rules the engine runs) are also judged with the real runtime,
-  teacher-forced on the held-out prompts, and timed free-running with the engine (wall clock).
+* V7, window, probe and V7+probe points (the rules the engine runs) are also judged with the real
+  runtime on the held-out prompts, teacher-forced and free-running (the policy writes its own text),
+  and timed with the engine at batch 1 and batch 8 (wall clock, paired with no exit).
 * The model's calibration file, if any, gets its own row: its held-out runtime agreement is the
   number to compare with its target.
 
@@ -32,6 +35,7 @@ from sedac_ray.policy import ExitPolicy
 
 from .adapter_fit import DEFAULT_RANK, DEFAULT_RIDGE, cross_fitted_readout, fit_exit_adapters
 from .policies import score, stability_exits
+from .probe_fit import PROBE, V7_PROBE, cross_fitted_probe_scores, fit_trace_probes, probe_table
 from .prompts import load_prompts
 from .store import calibrated_default
 from .sweep import (
@@ -51,14 +55,15 @@ from .sweep import (
     sweep,
 )
 from .traces import Traces, as_engine_prompt, head_readout, record_traces
-from .validate import teacher_forced
+from .validate import free_running, teacher_forced
 
 METHOD = (
     "agreement = share of decode tokens whose exit token equals the full model's greedy token on "
     "the same prefix (teacher-forced on the full model's greedy continuation; the prefill token is "
     "not counted); layers saved = 1 - mean layers executed / L. 'offline' numbers come from "
     "recorded traces; 'runtime' numbers from the engine's LayerRange, teacher-forced, with state "
-    "propagation of exited tokens' K/V."
+    "propagation of exited tokens' K/V; 'free-running' numbers from the engine generating with the "
+    "policy, each token compared with the full model's greedy token on the prefix the policy wrote."
 )
 TABLE_HEADER = [
     "policy",
@@ -70,11 +75,16 @@ TABLE_HEADER = [
     "held-out saved (offline)",
     "held-out agreement (runtime)",
     "held-out saved (runtime)",
+    "held-out agreement (free-running)",
+    "held-out saved (free-running)",
     "tok/s",
     "speedup",
+    "speedup, batch 8",
 ]
-CHOSEN_FAMILIES = (V7, WINDOW, V6, CALM)
-ENGINE_FAMILIES = (V7, WINDOW)  # the rules the serving engine runs
+CHOSEN_FAMILIES = (V7, WINDOW, PROBE, V7_PROBE, V6, CALM)
+ENGINE_FAMILIES = (V7, WINDOW, PROBE, V7_PROBE)  # the rules the serving engine runs
+TITLES = {**FAMILY_TITLES, PROBE: "exit probe (logistic)", V7_PROBE: "V7 and exit probe"}
+WALLCLOCK_BATCH = 8  # the second wall-clock column; the first is batch 1
 PLAIN, ADAPTED = "plain", "adapters"
 
 
@@ -118,6 +128,7 @@ class QualityBench:
         self.cache = cache
         self.model_adapter = ModelAdapter(loaded.model, verify=False)
         self.num_layers = self.model_adapter.num_layers
+        self.probes = None  # fitted on the calibration traces in measure()
         self.result: dict = {}
 
     # ---- measuring ------------------------------------------------------------------------
@@ -129,18 +140,24 @@ class QualityBench:
     def measure(self) -> dict:
         clock = time.perf_counter()
         calibration, heldout = (
-            record_traces(
-                self.loaded, load_prompts(name), self.max_new_tokens, self.fit_adapters, cache=self.cache
-            )
+            record_traces(self.loaded, load_prompts(name), self.max_new_tokens, True, cache=self.cache)
             for name in (self.calibration_prompts, self.eval_prompts)
         )
         self.heldout = heldout
         settings = build_settings(calibration, self.grid)
+        cross_scores, _ = cross_fitted_probe_scores(calibration)
+        self.probes = fit_trace_probes(calibration)
         variants = [
             Variant(
                 PLAIN,
-                sweep(calibration, settings, progress=self.progress),
-                sweep(heldout, settings, progress=self.progress),
+                _joined(
+                    sweep(calibration, settings, progress=self.progress),
+                    probe_table(calibration, cross_scores),
+                ),
+                _joined(
+                    sweep(heldout, settings, progress=self.progress),
+                    probe_table(heldout, self.probes.scores(heldout.hidden)),
+                ),
             )
         ]
         if self.fit_adapters:
@@ -203,6 +220,8 @@ class QualityBench:
     def _chosen_rows(self, variant: Variant) -> list[dict]:
         rows = []
         for family in CHOSEN_FAMILIES:
+            if not variant.calibration.family(family):
+                continue  # probe families: plain readout only
             for target in self.targets:
                 chosen = variant.calibration.best_at(family, target)
                 row = {"family": family, "readout": variant.name, "target": target}
@@ -286,30 +305,47 @@ class QualityBench:
                 policy,
                 adapters.get(row["readout"]),
                 progress=False,
+                probes=self.probes,
             )
             row["heldout_runtime"] = result.to_dict()
             if "calibrated_default" in row:
                 row["_exit_layers"] = torch.tensor(result.exit_layers)
+            row["heldout_free_running"] = free_running(
+                self.loaded,
+                heldout.prompt_ids,
+                policy,
+                self.max_new_tokens,
+                adapters.get(row["readout"]),
+                probes=self.probes,
+                progress=False,
+            ).to_dict()
 
     def _wallclock(self, rows: list[dict]) -> None:
-        """Free-running greedy generation with the engine, batch 1, fixed length. Each timed run is
-        paired with a no-exit run right before it, and the speedup is the median of the pairs'
-        ratios: on a shared machine the load drifts, and a pair sees about the same load."""
+        """Free-running greedy generation with the engine, fixed length: at batch 1 (the first
+        ``wallclock_prompts`` chat prompts one after another, row key ``wallclock``) and at batch
+        8 (eight chat prompts in one batch, ``wallclock_batch8``). Each timed run is paired with a
+        no-exit run right before it, and the speedup is the median of the pairs' ratios: on a
+        shared machine the load drifts, and a pair sees about the same load."""
         from sedac_ray.engine import Engine
 
-        items = [p for p in load_prompts(self.eval_prompts) if p.chat][: self.wallclock_prompts]
+        chats = [as_engine_prompt(p.prompt) for p in load_prompts(self.eval_prompts) if p.chat]
+        groups = {
+            1: [[c] for c in chats[: self.wallclock_prompts]],
+            WALLCLOCK_BATCH: [chats[:WALLCLOCK_BATCH]],
+        }
         adapters = {v.name: v.adapters for v in self.variants}
         timed = [r for r in rows if r["family"] in ENGINE_FAMILIES and r.get("setting")]
-        engines = {PLAIN: Engine(self.loaded, ExitPolicy.disabled())}
+        engines = {PLAIN: Engine(self.loaded, ExitPolicy.disabled(), probes=self.probes)}
         if len(self.variants) > 1:
-            engines[ADAPTED] = Engine(self.loaded, ExitPolicy.disabled(), adapters=adapters[ADAPTED])
-        tokens = len(items) * self.wallclock_tokens
+            engines[ADAPTED] = Engine(
+                self.loaded, ExitPolicy.disabled(), adapters=adapters[ADAPTED], probes=self.probes
+            )
 
-        def seconds(readout: str, policy: ExitPolicy) -> float:
+        def seconds(readout: str, policy: ExitPolicy, batch: int) -> float:
             start = time.perf_counter()
-            for item in items:
+            for group in groups[batch]:
                 engines[readout].generate(
-                    as_engine_prompt(item.prompt),
+                    group,
                     max_new_tokens=self.wallclock_tokens,
                     chat=True,
                     policy=policy,
@@ -317,27 +353,33 @@ class QualityBench:
                 )
             return time.perf_counter() - start
 
-        pairs: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(timed))}
-        total = self.wallclock_rounds * len(timed)
+        pairs: dict[tuple[int, int], list[tuple[float, float]]] = {
+            (i, batch): [] for i in range(len(timed)) for batch in groups
+        }
+        total = self.wallclock_rounds * len(pairs)
         with tqdm(total=total, desc="wall clock", unit="pair", leave=False, disable=not self.progress) as bar:
             for _ in range(self.wallclock_rounds):
-                for i, row in enumerate(timed):
-                    baseline = seconds(PLAIN, ExitPolicy.disabled())
-                    pairs[i].append((baseline, seconds(row["readout"], policy_from_setting(row["setting"]))))
+                for (i, batch), runs in pairs.items():
+                    baseline = seconds(PLAIN, ExitPolicy.disabled(), batch)
+                    policy = policy_from_setting(timed[i]["setting"])
+                    runs.append((baseline, seconds(timed[i]["readout"], policy, batch)))
                     bar.update()
-        baselines = [b for runs in pairs.values() for b, _ in runs]
-        self.wallclock_baseline = {
-            "tokens_per_s": tokens / statistics.median(baselines),
-            "runs": len(baselines),
-        }
-        for i, row in enumerate(timed):
-            row["wallclock"] = {
-                "tokens_per_s": tokens / statistics.median(t for _, t in pairs[i]),
-                "speedup_vs_no_exit": statistics.median(b / t for b, t in pairs[i]),
-                "pairs_seconds": pairs[i],
-                "prompts": len(items),
-                "tokens_per_prompt": self.wallclock_tokens,
-            }
+        self.wallclock_baseline = {"runs": sum(len(runs) for runs in pairs.values())}
+        for batch, batch_groups in groups.items():
+            tokens = sum(len(g) for g in batch_groups) * self.wallclock_tokens
+            baselines = [b for (_, size), runs in pairs.items() if size == batch for b, _ in runs]
+            key = "tokens_per_s" if batch == 1 else f"tokens_per_s_batch{batch}"
+            self.wallclock_baseline[key] = tokens / statistics.median(baselines)
+            for i, row in enumerate(timed):
+                runs = pairs[(i, batch)]
+                row["wallclock" if batch == 1 else f"wallclock_batch{batch}"] = {
+                    "tokens_per_s": tokens / statistics.median(t for _, t in runs),
+                    "speedup_vs_no_exit": statistics.median(b / t for b, t in runs),
+                    "pairs_seconds": runs,
+                    "prompts": sum(len(g) for g in batch_groups),
+                    "batch": batch,
+                    "tokens_per_prompt": self.wallclock_tokens,
+                }
 
     def _fronts(self, table: SweepTable) -> dict:
         fronts = {
@@ -382,7 +424,15 @@ class QualityBench:
         from matplotlib import pyplot as plt
 
         paths = [out / "quality_pareto.png", out / "quality_exit_layers.png", out / "quality_stability.png"]
-        colors = {V7: "tab:blue", WINDOW: "tab:cyan", V6: "tab:green", CALM: "tab:orange", ORACLE: "black"}
+        colors = {
+            V7: "tab:blue",
+            WINDOW: "tab:cyan",
+            PROBE: "tab:purple",
+            V7_PROBE: "tab:pink",
+            V6: "tab:green",
+            CALM: "tab:orange",
+            ORACLE: "black",
+        }
 
         figure, axes = plt.subplots(
             1, len(self.variants), figsize=(6.5 * len(self.variants), 5), squeeze=False
@@ -395,7 +445,7 @@ class QualityBench:
                         [r.agreement for r in front],
                         [100 * r.layers_saved for r in front],
                         color=colors[family],
-                        label=FAMILY_TITLES[family],
+                        label=TITLES[family],
                         # steps-pre: between two front points only the less saving one is reachable
                         drawstyle="steps-pre" if family != ORACLE else "default",
                         linestyle="--" if family == ORACLE else "-",
@@ -474,7 +524,7 @@ class QualityBench:
                 continue
             if row["family"] == NO_EXIT:
                 continue
-            label = FAMILY_TITLES.get(row["family"], row["family"])
+            label = TITLES.get(row["family"], row["family"])
             if "calibrated_default" in row:
                 label = f"calibrated default (runtime), target {row['target']:g}"
             elif row["family"] in CHOSEN_FAMILIES:
@@ -526,7 +576,8 @@ def render_markdown(result: dict) -> str:
         f"{cal['tokens']} decode tokens) for each target; judged on held-out prompts ({held['prompts']} "
         f"prompts, {held['tokens']} decode tokens). Agreement: exit token = the full model's greedy "
         "token on the same prefix. Offline: recorded traces; runtime: the engine's LayerRange, "
-        "teacher-forced, with state propagation.",
+        "teacher-forced, with state propagation; free-running: the engine writes its own text with "
+        "the policy.",
         "",
         *summary_table(result["rows"]),
         "",
@@ -538,10 +589,12 @@ def render_markdown(result: dict) -> str:
     ]
     baseline = result.get("wallclock_no_exit")
     if baseline:
+        batched = baseline.get(f"tokens_per_s_batch{WALLCLOCK_BATCH}")
+        also = f", batch {WALLCLOCK_BATCH} {batched:.1f} tok/s" if batched else ""
         lines += [
             "",
-            "Wall clock: engine, batch 1, greedy, fixed length; no exit "
-            f"{baseline['tokens_per_s']:.1f} tok/s (median). Speedup: the median over runs of "
+            "Wall clock: engine, greedy, fixed length; no exit at batch 1 "
+            f"{baseline['tokens_per_s']:.1f} tok/s (median){also}. Speedup: the median over runs of "
             "(no-exit run time / run time), each run right after its own no-exit run.",
         ]
     return "\n".join(lines)
@@ -557,7 +610,10 @@ def summary_table(rows: list[dict]) -> list[str]:
         "layers saved",
         "runtime agreement",
         "runtime saved",
+        "free-running agreement",
+        "free-running saved",
         "speedup",
+        f"speedup, batch {WALLCLOCK_BATCH}",
         "with adapters: agreement",
         "with adapters: saved",
     ]
@@ -568,10 +624,10 @@ def summary_table(rows: list[dict]) -> list[str]:
             continue
         held = row.get("heldout") or {}
         runtime = row.get("heldout_runtime") or {}
-        clock = row.get("wallclock")
+        free = row.get("heldout_free_running") or {}
         twin = {} if "calibrated_default" in row else adapted.get((row["family"], row.get("target")), {})
         twin_held = twin.get("heldout") or {}
-        name = FAMILY_TITLES.get(row["family"], row["family"])
+        name = TITLES.get(row["family"], row["family"])
         if "calibrated_default" in row:
             name = "**V7 calibrated default** (shipped file)"
         cells = [
@@ -582,7 +638,10 @@ def summary_table(rows: list[dict]) -> list[str]:
             _fmt(held.get("layers_saved"), percent=True),
             _fmt(runtime.get("agreement")),
             _fmt(runtime.get("layers_saved"), percent=True),
-            f"{clock['speedup_vs_no_exit']:.2f}x" if clock else "-",
+            _fmt(free.get("agreement")),
+            _fmt(free.get("layers_saved"), percent=True),
+            _speedup(row.get("wallclock")),
+            _speedup(row.get(f"wallclock_batch{WALLCLOCK_BATCH}")),
             _fmt(twin_held.get("agreement")),
             _fmt(twin_held.get("layers_saved"), percent=True),
         ]
@@ -613,7 +672,13 @@ def _describe_setting(row: dict) -> str:
         return f"H < [{cut}] at {setting['checkpoints']}"
     if row["family"] == CALM:
         return f"p_max >= {setting['confidence_at_least']:g}, min {setting['min_layer']}"
+    if row["family"] in (PROBE, V7_PROBE):
+        return policy_from_setting(setting).describe()
     return ""
+
+
+def _speedup(clock: dict | None) -> str:
+    return f"{clock['speedup_vs_no_exit']:.2f}x" if clock else "-"
 
 
 def _fmt(value, percent: bool = False) -> str:
@@ -623,12 +688,13 @@ def _fmt(value, percent: bool = False) -> str:
 
 
 def _markdown_row(row: dict) -> str:
-    name = FAMILY_TITLES.get(row["family"], row["family"])
+    name = TITLES.get(row["family"], row["family"])
     if "calibrated_default" in row:
         name = "**V7 calibrated default** (calibration file)"
     cal = row.get("calibration") or {}
     held = row.get("heldout") or {}
     runtime = row.get("heldout_runtime") or {}
+    free = row.get("heldout_free_running") or {}
     clock = row.get("wallclock")
     cells = [
         name,
@@ -640,7 +706,21 @@ def _markdown_row(row: dict) -> str:
         _fmt(held.get("layers_saved"), percent=True),
         _fmt(runtime.get("agreement")),
         _fmt(runtime.get("layers_saved"), percent=True),
+        _fmt(free.get("agreement")),
+        _fmt(free.get("layers_saved"), percent=True),
         f"{clock['tokens_per_s']:.1f}" if clock else "-",
-        f"{clock['speedup_vs_no_exit']:.2f}x" if clock else "-",
+        _speedup(clock),
+        _speedup(row.get(f"wallclock_batch{WALLCLOCK_BATCH}")),
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def _joined(table: SweepTable, extra: SweepTable) -> SweepTable:
+    """One table of ``table``'s families and ``extra``'s, on the same traces."""
+    return SweepTable(
+        table.num_layers,
+        table.tokens,
+        table.prompts,
+        table.rows + extra.rows,
+        {**table.exit_layers, **extra.exit_layers},
+    )

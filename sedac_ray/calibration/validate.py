@@ -12,7 +12,9 @@ feeding the reference tokens keeps both on the same prefixes.
 :func:`free_running` is the number a default policy must hold: the engine generates with the
 policy, then one Hugging Face forward pass over ``prompt + generated`` (an independent reference,
 full depth, exact K/V) gives the full model's greedy token after every prefix the policy wrote.
-Errors compound here (a wrong token changes every later prefix), as they do for users.
+Errors compound here (a wrong token changes every later prefix), as they do for users. With
+``deferred_fill=True`` the engine gives exited tokens exact K/V (:class:`~sedac_ray.engine.Engine`);
+``layers_saved`` then counts the deferred layers as computed, not saved.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from sedac_ray.exit.probes import ExitProbes
 from sedac_ray.exit_adapters import ExitAdapters, exit_logits
 from sedac_ray.model.adapter import ModelAdapter
 from sedac_ray.policy import ExitPolicy
@@ -36,27 +39,39 @@ class TeacherForcedResult:
     layers_saved: float
     exit_layers: list[int]
     matches: list[bool]
+    # Deferred fill only: layers run later for exited tokens. They are computed, so layers_saved
+    # counts them as run; exit_depth_saved is the share of layers before each token's read-out.
+    deferred_layers: int | None = None
+    exit_depth_saved: float | None = None
 
     @classmethod
-    def from_tokens(cls, matches: list[bool], exit_layers: list[int], num_layers: int) -> TeacherForcedResult:
+    def from_tokens(
+        cls, matches: list[bool], exit_layers: list[int], num_layers: int, deferred_layers: int | None = None
+    ) -> TeacherForcedResult:
         tokens = len(matches)
         mean_layers = sum(exit_layers) / tokens if tokens else float(num_layers)
+        computed = mean_layers + (deferred_layers or 0) / tokens if tokens else mean_layers
         return cls(
             tokens=tokens,
             agreement=sum(matches) / tokens if tokens else 1.0,
             mean_layers=mean_layers,
-            layers_saved=1.0 - mean_layers / num_layers,
+            layers_saved=1.0 - computed / num_layers,
             exit_layers=exit_layers,
             matches=matches,
+            deferred_layers=deferred_layers,
+            exit_depth_saved=None if deferred_layers is None else 1.0 - mean_layers / num_layers,
         )
 
     def to_dict(self) -> dict:
-        return {
+        figures = {
             "tokens": self.tokens,
             "agreement": self.agreement,
             "mean_layers": self.mean_layers,
             "layers_saved": self.layers_saved,
         }
+        if self.deferred_layers is not None:
+            figures.update(deferred_layers=self.deferred_layers, exit_depth_saved=self.exit_depth_saved)
+        return figures
 
 
 @torch.inference_mode()
@@ -68,7 +83,9 @@ def teacher_forced(
     exit_adapters: ExitAdapters | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    probes: ExitProbes | None = None,
 ) -> TeacherForcedResult:
+    """``probes`` serve a probe policy's gate."""
     num_layers = adapter.num_layers
     device = adapter.device
     matches: list[bool] = []
@@ -83,7 +100,7 @@ def teacher_forced(
     ):
         prompts = prompt_ids[start : start + batch_size]
         targets = continuations[start : start + batch_size]
-        layers = LayerRange(adapter, 0, num_layers)
+        layers = LayerRange(adapter, 0, num_layers, probes=probes)
         slots = torch.tensor(layers.cache.allocate(len(prompts)))
         lengths = torch.tensor([len(ids) for ids in prompts])
         width = int(lengths.max())
@@ -122,16 +139,18 @@ def free_running(
     probes=None,
     batch_size: int = 16,
     progress: bool = True,
+    deferred_fill: bool = False,
 ) -> TeacherForcedResult:
     """Greedy generation with ``policy`` by the engine; each decode token (not the prefill's) is
     compared with the full model's greedy token on the prefix the policy itself produced."""
     from sedac_ray.engine import Engine
     from sedac_ray.sampling import SamplingParams
 
-    engine = Engine(loaded, policy, adapters=exit_adapters, probes=probes)
+    engine = Engine(loaded, policy, adapters=exit_adapters, probes=probes, deferred_fill=deferred_fill)
     model = loaded.model
     matches: list[bool] = []
     exit_layers: list[int] = []
+    deferred_layers = 0
     starts = range(0, len(prompt_ids), batch_size)
     for start in tqdm(
         starts,
@@ -153,7 +172,10 @@ def free_running(
             ).tolist()  # reference[t]: full model's token after generated[:t+1]
             matches += [a == b for a, b in zip(generated[1:], reference, strict=True)]
             exit_layers += result.exit_layers[1:]
-    return TeacherForcedResult.from_tokens(matches, exit_layers, engine.num_layers)
+            deferred_layers += result.deferred_layers or 0
+    return TeacherForcedResult.from_tokens(
+        matches, exit_layers, engine.num_layers, deferred_layers if deferred_fill else None
+    )
 
 
 def teacher_forced_cross_fitted(

@@ -5,7 +5,9 @@ decode tokens. After each layer it applies the exit policy; tokens that exit lea
 group by index-select (never by masking), so the next layer only computes the tokens that
 continue. Tokens that exited keep getting K/V in every deeper layer of the range by state
 propagation: the layer projects K/V from the exited hidden state and stops right after storing
-them, without attention or MLP (DESIGN §4).
+them, without attention or MLP (DESIGN §4). Or, with deferred fill (FREE, Bae et al. 2023), they
+get none now and run their deeper layers at full computation in the next step's layer calls, beside
+the next token (``decode(..., deferred=...)``), so every later token attends to exact K/V.
 
 The single-process engine runs one range over the whole model; a pipeline stage runs one range
 over its slice of layers with exactly this code.
@@ -82,6 +84,7 @@ class RangeOutput:
     exited: TokenRows  # rows that exited in this range (all remaining rows if it ends the model)
     continuing: TokenRows  # rows the next range must compute
     fill: TokenRows  # exited rows (this range's and earlier) whose K/V deeper ranges still need
+    deferred: TokenRows | None = None  # the call's deferred rows, hidden = output of the range's end
 
 
 def attention_mask(
@@ -180,11 +183,26 @@ class LayerRange:
         return hidden
 
     @torch.inference_mode()
-    def decode(self, rows: TokenRows, fill: TokenRows | None = None, propagate: bool = True) -> RangeOutput:
+    def decode(
+        self,
+        rows: TokenRows,
+        fill: TokenRows | None = None,
+        propagate: bool = True,
+        deferred: TokenRows | None = None,
+    ) -> RangeOutput:
         """One decode step for ``rows`` (one token each, each with its own exit rule), plus K/V
         propagation for ``fill`` rows that exited in an earlier range. ``propagate=False`` gives
-        rows that exit here no K/V in this range's deeper layers: a speculative stage runs them on
-        with :meth:`verify` instead (from their exit layer)."""
+        rows that exit here no K/V in this range's deeper layers: they run on later from their exit
+        layer, as ``deferred`` rows or with :meth:`verify`.
+
+        ``deferred`` rows run at full depth without exits, each from its own entry layer
+        ``exit_layer`` (1-based, in ``start..end``; ``hidden`` is that layer's output), in the
+        same layer calls as ``rows``. A call writes every row's K/V before any row attends, so a
+        token sees the exact K/V of its sequence's deferred rows at every layer (several rows of
+        one sequence at consecutive positions are fine). The caller guarantees that at each layer
+        a row runs, every earlier position of its sequence not running there already holds exact
+        K/V at that layer. ``RangeOutput.deferred`` holds them with ``hidden`` = the output of
+        layer ``end``, in the order given."""
         num_layers = self.adapter.num_layers
         adapter = self.adapter
         rows = replace(rows)  # the policy state is updated in place below; leave the caller's alone
@@ -193,17 +211,36 @@ class LayerRange:
             raise ValueError("a row's exit policy has a probe gate but this layer range has no exit probes")
         fill = fill if fill is not None and len(fill) else None
         fill_context = self._fill_context(fill)
-        context = self._context(rows) if len(rows) else None
+        deferred = deferred if deferred is not None and len(deferred) else None
+        if deferred is not None:
+            entries = deferred.exit_layer.to(torch.long)
+            if bool(((entries < self.start) | (entries > self.end)).any()):
+                raise ValueError(f"entry layers must be in {self.start}..{self.end}, got {entries.tolist()}")
+            late_hidden = deferred.hidden.clone()
+        late = torch.zeros(0, dtype=torch.long)  # deferred rows running so far: only grows with depth
+        context = None
         hidden = rows.hidden.unsqueeze(1)
         exited: list[TokenRows] = []
         for index in range(self.start, self.end):
             if fill is not None:
                 fill_context.fill(index, fill.hidden.unsqueeze(1))
-            if not len(rows):
+            if deferred is not None:
+                joined = (entries <= index).nonzero()[:, 0]
+                if len(joined) != len(late):
+                    late, context = joined, None
+            if not len(rows) and not len(late):
                 continue
-            out = context.run(index, hidden)
+            if context is None:
+                context = self._group_context(rows, deferred.select(late) if len(late) else None)
+            if len(late):  # one call for the step's tokens and the deferred rows
+                device_late = late.to(late_hidden.device)
+                out = context.run(index, torch.cat([hidden, late_hidden[device_late].unsqueeze(1)]))
+                late_hidden[device_late] = out[len(rows) :, 0]
+                out = out[: len(rows)]
+            else:
+                out = context.run(index, hidden)
             layer = index + 1
-            if any_rule and 2 <= layer < num_layers:
+            if any_rule and len(rows) and 2 <= layer < num_layers:
                 scores = None
                 if self.probes is not None and rules_use_probe(rows.rules):
                     scores = self.probes.score(layer, out[:, 0], hidden[:, 0])
@@ -221,7 +258,7 @@ class LayerRange:
                         fill_context = self._fill_context(fill)
                     rows = rows.select(keep)
                     out = out[keep.to(out.device)]
-                    context = self._context(rows) if len(rows) else None
+                    context = None
             hidden = out
         rows = replace(rows, hidden=hidden[:, 0] if len(rows) else rows.hidden)
         if self.is_last:
@@ -234,40 +271,28 @@ class LayerRange:
             exited=TokenRows.concat(exited) if exited else empty,
             continuing=rows,
             fill=fill if fill is not None and not self.is_last else empty,
+            deferred=replace(deferred, hidden=late_hidden) if deferred is not None else None,
         )
 
-    @torch.inference_mode()
     def verify(self, rows: TokenRows, entry_layers: torch.Tensor) -> TokenRows:
         """Run every row to the end of the range at full depth (no exits), each from its own entry
         layer: row ``i``'s ``hidden`` is the output of layer ``entry_layers[i]`` (1-based, in
         ``start..end``), and it runs layers ``entry_layers[i] + 1 .. end``, overwriting its K/V
         there. Returns the rows with ``hidden`` = the output of layer ``end``.
 
-        This is the speculative verification pass. Several rows may belong to one sequence
-        (consecutive positions, a chunk of drafts): at each layer every running row writes its
-        K/V before any row attends, so a row sees the rows before it in its sequence as in a
-        prefill. The caller guarantees that at each layer a row runs, every earlier position of
-        its sequence that is not running there already holds exact K/V at that layer."""
-        entry_layers = entry_layers.to(torch.long)
-        if bool(((entry_layers < self.start) | (entry_layers > self.end)).any()):
-            raise ValueError(f"entry layers must be in {self.start}..{self.end}, got {entry_layers.tolist()}")
-        hidden = rows.hidden.clone()
-        running, context = None, None
-        for index in range(self.start, self.end):
-            active = (entry_layers <= index).nonzero()[:, 0]  # grows with depth: rows only join
-            if not len(active):
-                continue
-            if running is None or len(active) != len(running):
-                running = active.to(hidden.device)
-                joined = rows.select(active)
-                context = _CallContext(
-                    self.adapter, self.cache, joined.slots, joined.positions.unsqueeze(1), joined.hidden
-                )
-            hidden[running] = context.run(index, hidden[running].unsqueeze(1))[:, 0]
-        return replace(rows, hidden=hidden)
+        This is the speculative verification pass: :meth:`decode` with only ``deferred`` rows.
+        Several rows may belong to one sequence (consecutive positions, a chunk of drafts), under
+        the guarantee :meth:`decode` states for deferred rows."""
+        adapter = self.adapter
+        none = TokenRows.empty(adapter.hidden_size, adapter.device, adapter.dtype)
+        if not len(rows):
+            return rows
+        return self.decode(none, deferred=replace(rows, exit_layer=entry_layers.to(torch.long))).deferred
 
-    def _context(self, rows: TokenRows) -> _CallContext:
-        return _CallContext(self.adapter, self.cache, rows.slots, rows.positions.unsqueeze(1), rows.hidden)
+    def _group_context(self, rows: TokenRows, late: TokenRows | None) -> _CallContext:
+        """The call context for ``rows`` followed by ``late`` (deferred rows), in that order."""
+        group = rows if late is None else late if not len(rows) else TokenRows.concat([rows, late])
+        return _CallContext(self.adapter, self.cache, group.slots, group.positions.unsqueeze(1), group.hidden)
 
     def _fill_context(self, fill: TokenRows | None) -> _CallContext | None:
         if fill is None:

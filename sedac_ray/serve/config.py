@@ -7,16 +7,17 @@ with it), so a bad config fails at deploy time with the field named, not inside 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sedac_ray.exit.store import calibrated_default, model_name_for_spec
 from sedac_ray.exit.store import default_policy as calibrated_policy
-from sedac_ray.exit.store import model_name_for_spec
 from sedac_ray.model.loading import DEFAULT_MODEL, resolve_dtype
 from sedac_ray.policy import DEFAULT_POLICY, ExitPolicy
 
-EXIT_SETTINGS = ("tau", "k", "min_layer", "window", "disable")
+EXIT_SETTINGS = ("tau", "k", "min_layer", "window", "disable", "probe")
 
 
 class PipelineConfig(BaseModel):
@@ -137,9 +138,20 @@ class PipelineConfig(BaseModel):
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context of {model_max}")
         return self.max_model_len
 
+    def exit_probes_path(self, num_layers: int | None, dtype=None) -> Path | None:
+        """The model's calibrated exit probes in ``dtype`` (default: the dtype it will load in),
+        when it has them: stages load them to serve probe policies, and the front door refuses a
+        probe policy without them."""
+        dtype = resolve_dtype(self.dtype, self.device) if dtype is None else dtype
+        calibration, _ = calibrated_default(model_name_for_spec(self.model), num_layers, dtype)
+        return calibration.probes_path if calibration is not None else None
+
     def default_policy(self) -> ExitPolicy:
         if self.exit:
-            return DEFAULT_POLICY.with_overrides(**self.exit)
+            policy = DEFAULT_POLICY.with_overrides(**self.exit)
+            if policy.uses_probe and self.exit_probes_path(None) is None:
+                raise ValueError(f"exit policy {policy.describe()} needs exit probes; {self.model} has none")
+            return policy
         # No `exit:` in the app: the calibration file for the model in the dtype it will load in
         # (`sedac calibrate`) decides; without one, no exit.
         dtype = resolve_dtype(self.dtype, self.device)

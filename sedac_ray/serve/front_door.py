@@ -145,6 +145,7 @@ class FrontDoorServer:
             max_context=self.config.model_len(int(getattr(model_config, "max_position_embeddings", 1 << 30))),
             default_policy=self.config.default_policy(),
             default_max_tokens=self.config.default_max_tokens,
+            exit_probes=self.config.exit_probes_path(self.num_layers) is not None,
         )
         self.metrics = FrontDoorMetrics(self.num_layers)
         self.active = 0

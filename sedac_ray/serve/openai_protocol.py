@@ -41,6 +41,7 @@ class SedacOptions(BaseModel):
     k: StrictInt | None = None
     min_layer: StrictInt | None = None
     window: StrictInt | None = None
+    probe: Number | None = None  # exit-probe threshold: served by the model's calibrated probes
     speculative: StrictBool = False
     stream_drafts: StrictBool = False
 

@@ -60,6 +60,7 @@ class RequestBuilder:
         max_context: int,
         default_policy,
         default_max_tokens,
+        exit_probes: bool = False,
     ):
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -67,6 +68,7 @@ class RequestBuilder:
         self.max_context = max_context
         self.default_policy = default_policy
         self.default_max_tokens = default_max_tokens
+        self.exit_probes = exit_probes  # the stages hold the model's exit probes
 
     def build(
         self,
@@ -177,5 +179,11 @@ class RequestBuilder:
             min_layer=values.get("min_layer"),
             window=values.get("window"),
             disable=bool(values.get("disable_exit") or values.get("disable")),
+            probe=values.get("probe"),
         )
+        if policy.uses_probe and not self.exit_probes:
+            raise InvalidRequest(
+                f"exit policy {policy.describe()} needs exit probes, and {self.model_name} has none here "
+                "(`sedac calibrate` fits them); drop probe"
+            )
         return policy.validate_for(self.num_layers)

@@ -43,7 +43,6 @@ import torch
 from ray import serve
 
 from sedac_ray.exit.probes import ExitProbes
-from sedac_ray.exit.store import calibrated_default, model_name_for_spec
 from sedac_ray.model.loading import load_config, load_model
 from sedac_ray.model.parts import ModelPart
 from sedac_ray.policy import ExitPolicy
@@ -74,10 +73,8 @@ PREFILL_BATCH = 8
 def model_probes(config: PipelineConfig, num_layers: int, dtype) -> ExitProbes | None:
     """The exit probes of the model's calibration, when it has them: they serve any probe policy,
     as the engine's do."""
-    calibration, _ = calibrated_default(model_name_for_spec(config.model), num_layers, dtype)
-    if calibration is None or calibration.probes_path is None:
-        return None
-    return ExitProbes.load(calibration.probes_path)
+    path = config.exit_probes_path(num_layers, dtype)
+    return ExitProbes.load(path) if path is not None else None
 
 
 def peak_rss_bytes() -> int:
