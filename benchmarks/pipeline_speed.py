@@ -29,7 +29,7 @@ from sedac_ray.serve.local_cluster import LocalPipeline
 
 POLICIES = {"no exit": {"disable_exit": True}, "tau=0.97,K=3": {"tau": 0.97, "k": 3}}
 # As deployments/local.yaml serves it on this 2-core machine (one step group: see that file).
-PIPELINE_ARGS = {"stages": 3, "replica_cpus": 0.1, "steps_in_flight": 1}
+PIPELINE_ARGS = {"stages": 3, "replica_cpus": 0.1, "steps_in_flight": 1, "torch_threads": 2}
 
 
 def request(url: str, prompt: str, max_tokens: int, sedac: dict, stream: bool) -> dict:
@@ -116,23 +116,24 @@ def cpu_between(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     return {role: round(after[role] - before.get(role, 0.0), 2) for role in sorted(after)}
 
 
-def stage_counts(pipeline: LocalPipeline) -> list[tuple[int, int]]:
-    """(decode rows, decode batches) so far in each stage replica."""
+def stage_counts(pipeline: LocalPipeline) -> list[tuple[int, int, float]]:
+    """(decode rows, decode batches, decode compute seconds) so far in each stage replica."""
     stats = [s for name in ("Stage0", "Stage1", "Stage2") for s in pipeline.stats(name)]
-    return [(s["decode_rows"], s["decode_batches"]) for s in stats]
+    return [(s["decode_rows"], s["decode_batches"], s["decode_compute_s"]) for s in stats]
 
 
-def counts_between(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(decode rows, decode batches) in each stage replica between two :func:`stage_counts`."""
+def counts_between(before: list[tuple], after: list[tuple]) -> list[tuple[int, int, float]]:
+    """(decode rows, decode batches, decode compute seconds) in each stage replica between two
+    :func:`stage_counts`."""
     return [
-        (rows - rows0, batches - batches0)
-        for (rows0, batches0), (rows, batches) in zip(before, after, strict=True)
+        tuple(now - then for then, now in zip(old, new, strict=True))
+        for old, new in zip(before, after, strict=True)
     ]
 
 
-def mean_batch_rows(counts: list[tuple[int, int]]) -> list[float]:
+def mean_batch_rows(counts: list[tuple[int, int, float]]) -> list[float]:
     """Rows per decode batch in each stage replica."""
-    return [round(rows / max(1, batches), 2) for rows, batches in counts]
+    return [round(rows / max(1, batches), 2) for rows, batches, _ in counts]
 
 
 def main() -> None:
@@ -201,6 +202,9 @@ def main() -> None:
                     "identical_to_engine": f"{same}/{len(answers)}",
                     # rows per decode batch in each stage, over this measurement only
                     "stage_mean_batch_rows": mean_batch_rows(counts_between(before, after)),
+                    # wall time of the stages' decode compute (layers, and the last stage's
+                    # read-out), against the CPU each stage's process used in all (cpu_s)
+                    "stage_compute_s": [round(c[2], 2) for c in counts_between(before, after)],
                     # where the machine's CPU went during the pipeline's run (the wall time is
                     # pipeline_s; with 2 cores, at most 2 x that is available)
                     "pipeline_wall_s": round(pipeline_s, 2),

@@ -37,6 +37,10 @@ ABOUT = {
     "from this run's costs, against what the model gives.",
     "speculative_sim.json": "The pipeline simulator against the measured CPU figures, then its GPU "
     "predictions (`python -m sedac_ray.sim --out ...`). GPU rows are assumptions, not measurements.",
+    "serve_hops.json": "What a pipeline step's messages cost without a model (`benchmarks/serve_hops.py "
+    "--rounds 3`): three chained no-op deployments with Serve's settings as shipped, the result "
+    "unwinding back through the stages (shipped) or called straight to the waiting front door, then the "
+    "same three hops as plain Ray actors and as a Ray Compiled Graph. Median ms per step, one stream.",
     "soak.json": "Mixed traffic against the served pipeline (`benchmarks/soak.py`, `make soak`).",
     "quality.json": "Quality against layers saved per exit policy (`sedac bench quality`).",
     "deferred_fill.json": "Exited tokens' deeper K/V by state propagation or by deferred fill (FREE: "

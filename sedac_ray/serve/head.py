@@ -4,7 +4,6 @@ makes at full depth itself); speculative drafts from early exits are read out by
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import numpy as np
@@ -19,6 +18,7 @@ from sedac_ray.model.parts import ModelPart
 from sedac_ray.runtime.check import checked_adapter
 from sedac_ray.sampling import choose_tokens, token_logprobs
 from sedac_ray.serve.batcher import Batcher
+from sedac_ray.serve.compute_thread import ComputeThread
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.transport import SPECULATIVE, VERIFY, Rows, TokenResult, unpack_hidden
 
@@ -28,6 +28,7 @@ class HeadServer:
         self.config = PipelineConfig.from_args(config)
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
+        self.compute = ComputeThread(self.config.torch_threads)  # tensor work, off the event loop
         # The final norm and the LM head alone (the embedding too only where tied and stored once).
         part = ModelPart(range(0), head=True)
         loaded = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype, part=part)
@@ -46,7 +47,7 @@ class HeadServer:
     async def sample_batch(self, messages: list[Rows]) -> list[dict[str, TokenResult]]:
         rows = Rows.concat(messages)
         started = time.perf_counter()
-        chosen = await asyncio.to_thread(read_out, self.adapter, rows, self.exit_adapters, self.drafts)
+        chosen = await self.compute.run(read_out, self.adapter, rows, self.exit_adapters, self.drafts)
         self.compute_s += time.perf_counter() - started
         self.rows_read += len(rows)
         # Split by message, not by sequence: a speculative sequence may have two rows here at once

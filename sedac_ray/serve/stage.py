@@ -48,6 +48,7 @@ from sedac_ray.model.parts import ModelPart
 from sedac_ray.policy import ExitPolicy
 from sedac_ray.runtime.check import checked_adapter
 from sedac_ray.serve.batcher import Batcher, wait_set
+from sedac_ray.serve.compute_thread import ComputeThread
 from sedac_ray.serve.config import PipelineConfig
 from sedac_ray.serve.errors import Overloaded, ServeError, as_serve_error
 from sedac_ray.serve.head import as_verify, load_drafts, load_exit_adapters, read_out
@@ -87,6 +88,7 @@ class StageServer:
         self.config = PipelineConfig.from_args(config)
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
+        self.compute = ComputeThread(self.config.torch_threads)  # tensor work, off the event loop
         self.stage_index = stage_index
         num_layers = load_config(self.config.model).num_hidden_layers
         start, end = self.config.layer_ranges(num_layers)[stage_index]
@@ -187,7 +189,7 @@ class StageServer:
             outputs.append(await self.prefills.submit(chunk))
         sequence.wrote_prefix(count)
         if self.next_stage is not None:
-            packed, dtype = await asyncio.to_thread(lambda: pack_hidden(torch.cat(outputs)))
+            packed, dtype = await self.compute.run(lambda: pack_hidden(torch.cat(outputs)))
             downstream = await self.next_stage.prefill.remote(
                 PrefillMessage(
                     message.seq_id,
@@ -210,13 +212,13 @@ class StageServer:
             hidden_dtype=dtype,
             exit_layer=np.array([self.adapter.num_layers]),
         )
-        (first,) = await asyncio.to_thread(read_out, self.adapter, last)  # full depth: no adapter
+        (first,) = await self.compute.run(read_out, self.adapter, last)  # full depth: no adapter
         return PrefillResult(route=(self.replica_id,), first=first)
 
     async def _prefill_batch(self, chunks: list[PrefillChunk]) -> list[torch.Tensor]:
         async with self.compute_lock:
             chunks_held = [c for c in chunks if c.seq_id in self.core.sequences]  # not released meanwhile
-            outputs = await asyncio.to_thread(self.core.prefill, chunks_held) if chunks_held else []
+            outputs = await self.compute.run(self.core.prefill, chunks_held) if chunks_held else []
         by_chunk = dict(zip(map(id, chunks_held), outputs, strict=True))
         return [by_chunk[id(c)] if id(c) in by_chunk else self.core.gone(c.seq_id) for c in chunks]
 
@@ -261,7 +263,7 @@ class StageServer:
             rolled_back = self.core.take_rolled_back()
             unverified = self._take_unverified()
             started = time.perf_counter()
-            out, read, verified = await asyncio.to_thread(self._compute, rows, fill, rolled_back, unverified)
+            out, read, verified = await self.compute.run(self._compute, rows, fill, rolled_back, unverified)
             self.compute_s += time.perf_counter() - started
             self.core.wrote(rows)
             self.core.wrote(fill)
@@ -350,7 +352,7 @@ class StageServer:
             if not len(rows):  # a batch read them out first
                 return
             started = time.perf_counter()
-            read = await asyncio.to_thread(read_out, self.adapter, rows, self.exit_adapters)
+            read = await self.compute.run(read_out, self.adapter, rows, self.exit_adapters)
             self.compute_s += time.perf_counter() - started
         self._keep_verified(rows, read)
 
