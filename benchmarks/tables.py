@@ -24,7 +24,9 @@ ABOUT = {
     "(`benchmarks/engine_speed.py`, `make bench`): 8 chat prompts, 48 new tokens each with EOS ignored, "
     "median of interleaved rounds.",
     "pipeline_speed.json": "The 3-stage served pipeline against the in-process engine at the same "
-    "concurrency (`benchmarks/pipeline_speed.py`): streaming HTTP requests, EOS may end a request early.",
+    "concurrency (`benchmarks/pipeline_speed.py`): whole-answer HTTP requests, prefill included, EOS may end "
+    "a request early. Memory per replica in MB (PSS adds up to what the app holds); stage compute and the "
+    "CPU all of Ray used, in seconds, against the pipeline's wall time.",
     "speculative_speed.json": "Plain, early-exit and lossless speculative decoding, in the engine and "
     "in the served pipeline (`benchmarks/speculative_speed.py --rounds 3 --threads 1 --pipeline`). "
     "Agreement: share of positions equal to the same system's no-exit run.",
@@ -79,6 +81,9 @@ COLUMNS: dict[tuple[str, str], list[Column]] = {
         ("layers", "mean_layers"),
         ("same as engine", "identical_to_engine"),
         ("stage batch rows", lambda r: per_stage(r.get("stage_mean_batch_rows"))),
+        ("wall s", "pipeline_wall_s"),
+        ("stage compute s", lambda r: per_stage(r.get("stage_compute_s"))),
+        ("CPU s (all Ray)", lambda r: round(sum(r["cpu_s"].values()), 1) if "cpu_s" in r else None),
     ],
     ("speculative_speed.json", "rows"): [
         ("system", "system"),
