@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.quality_probes import RUNTIME_FAMILIES, paired_times
+from benchmarks.quality_probes import RUNTIME_FAMILIES, paired_times, write_result
 from sedac_ray.calibration.prompts import load_prompts
 from sedac_ray.calibration.sweep import policy_from_setting
 from sedac_ray.calibration.traces import encode_prompts
@@ -138,20 +137,9 @@ def main() -> int:
             }
             timing.append(row)
             print(json.dumps(row), flush=True)
-    result = {
-        "method": __doc__,
-        "model": loaded.name,
-        "dtype": str(loaded.model.dtype),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-        "target": args.target,
-        "quality": quality,
-        "wall_clock": timing,
-        "seconds": round(time.perf_counter() - clock, 1),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(
+        args.out, __doc__, loaded, clock, {"target": args.target, "quality": quality, "wall_clock": timing}
+    )
     return 0
 
 

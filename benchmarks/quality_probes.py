@@ -147,20 +147,25 @@ def main() -> int:
                 },
             }
         )
+    fields = {"tokens": {"calibration": len(calibration), "heldout": len(heldout)}, "rows": rows}
+    write_result(args.out, __doc__, loaded, clock, fields)
+    return 0
+
+
+def write_result(path: str, method: str, loaded, clock: float, fields: dict) -> None:
+    """A result file: what was measured, on which model and machine, and how long it took."""
     result = {
-        "method": __doc__,
+        "method": method,
         "model": loaded.name,
         "dtype": str(loaded.model.dtype),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-        "tokens": {"calibration": len(calibration), "heldout": len(heldout)},
-        "rows": rows,
+        **fields,
         "seconds": round(time.perf_counter() - clock, 1),
     }
-    out = Path(args.out)
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
