@@ -28,8 +28,18 @@ from sedac_ray import Engine, ExitPolicy, load_model
 from sedac_ray.serve.local_cluster import LocalPipeline
 
 POLICIES = {"no exit": {"disable_exit": True}, "tau=0.97,K=3": {"tau": 0.97, "k": 3}}
-# As deployments/local.yaml serves it on this 2-core machine (one step group: see that file).
-PIPELINE_ARGS = {"stages": 3, "replica_cpus": 0.1, "steps_in_flight": 1, "torch_threads": 2}
+# As deployments/local.yaml serves it on this 2-core machine (see that file): one step group,
+# stages computing with one torch thread.
+PIPELINE_ARGS = {"stages": 3, "replica_cpus": 0.1, "steps_in_flight": 1, "torch_threads": 1}
+# What --layouts measures, side by side in the same run: step groups in flight and torch threads
+# per replica.
+LAYOUTS = {
+    "1 group, 1 thread (shipped)": {"steps_in_flight": 1, "torch_threads": 1},
+    "1 group, 2 threads": {"steps_in_flight": 1, "torch_threads": 2},
+    "2 groups, 1 thread": {"steps_in_flight": 2, "torch_threads": 1},
+    "2 groups, 2 threads": {"steps_in_flight": 2, "torch_threads": 2},
+    "3 groups, 1 thread": {"steps_in_flight": 3, "torch_threads": 1},
+}
 
 
 def request(url: str, prompt: str, max_tokens: int, sedac: dict, stream: bool) -> dict:
@@ -136,6 +146,58 @@ def mean_batch_rows(counts: list[tuple[int, int, float]]) -> list[float]:
     return [round(rows / max(1, batches), 2) for rows, batches, _ in counts]
 
 
+def measure(engine: Engine, url: str, pipeline: LocalPipeline, name: str, concurrency: int, args) -> dict:
+    """The engine, then the pipeline, on the same prompts: one row of the table."""
+    sedac = POLICIES[name]
+    policy = ExitPolicy.disabled() if sedac.get("disable_exit") else ExitPolicy(sedac["tau"], k=sedac["k"])
+    prompts = (PROMPTS * 4)[:concurrency] if concurrency > 1 else PROMPTS[:2]
+    engine_tpot = []  # one stream: each request's time per token, prefill included, as for the pipeline
+    start = time.perf_counter()
+    if concurrency == 1:
+        outs = []
+        for p in prompts:
+            began = time.perf_counter()
+            outs.append(engine.generate(p, max_new_tokens=args.max_tokens, chat=True, policy=policy)[0])
+            engine_tpot.append(1000 * (time.perf_counter() - began) / len(outs[-1].token_ids))
+    else:
+        outs = engine.generate(prompts, max_new_tokens=args.max_tokens, chat=True, policy=policy)
+    engine_s = time.perf_counter() - start
+    engine_tokens = sum(len(r.token_ids) for r in outs)
+
+    before, cpu_before = stage_counts(pipeline), cpu_seconds()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        calls = [pool.submit(request, url, p, args.max_tokens, sedac, args.stream) for p in prompts]
+        answers = [c.result() for c in calls]
+    pipeline_s = time.perf_counter() - start
+    tokens = sum(len(a["token_ids"]) for a in answers)
+    same = sum(a["token_ids"] == r.token_ids for a, r in zip(answers, outs, strict=True))
+    after, cpu_after = stage_counts(pipeline), cpu_seconds()
+    pipeline_tpot = statistics.median(1000 * a["latency_s"] / len(a["token_ids"]) for a in answers)
+    return {
+        "policy": name,
+        "concurrency": concurrency,
+        "engine_tokens_per_s": engine_tokens / engine_s,
+        "pipeline_tokens_per_s": tokens / pipeline_s,
+        "throughput_ratio": (tokens / pipeline_s) / (engine_tokens / engine_s),
+        "pipeline_tpot_ms": pipeline_tpot,
+        # one stream: the pipeline's time per token over the engine's, both per request
+        "engine_tpot_ms": statistics.median(engine_tpot) if engine_tpot else None,
+        "tpot_ratio": pipeline_tpot / statistics.median(engine_tpot) if engine_tpot else None,
+        "mean_layers": statistics.fmean(x for a in answers for x in a["exit_layers"]),
+        "identical_to_engine": f"{same}/{len(answers)}",
+        # rows per decode batch in each stage, over this measurement only
+        "stage_mean_batch_rows": mean_batch_rows(counts_between(before, after)),
+        # wall time of the stages' decode compute (layers, and the last stage's read-out),
+        # against the CPU each stage's process used in all (cpu_s)
+        "stage_compute_s": [round(c[2], 2) for c in counts_between(before, after)],
+        # where the machine's CPU went during the pipeline's run (the wall time is pipeline_s;
+        # with 2 cores, at most 2 x that is available)
+        "pipeline_wall_s": round(pipeline_s, 2),
+        "cpu_s": cpu_between(cpu_before, cpu_after),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -150,67 +212,51 @@ def main() -> None:
     parser.add_argument("--app", default="{}", help="JSON overrides of the app args")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--stream", action="store_true", help="server-sent events (default: whole answers)")
+    parser.add_argument(
+        "--layouts",
+        nargs="*",
+        choices=list(LAYOUTS),
+        help="first compare these step-group and thread layouts (all of LAYOUTS if none are named) "
+        "at the top concurrency, exits off, --rounds times in turn",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of the --layouts comparison")
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
     app_args = {**PIPELINE_ARGS, **json.loads(args.app)}
 
     loaded = load_model()  # also leaves the dequantized copy the replicas load
     engine = Engine(loaded)
-    pipeline = LocalPipeline.start(app_args, num_cpus=args.num_cpus, env=env)
+    layouts = []
+    pipeline = None
+    chosen = [] if args.layouts is None else args.layouts or list(LAYOUTS)
+    for round_index in range(args.rounds if chosen else 0):
+        for layout in chosen:
+            overrides = LAYOUTS[layout]
+            if pipeline is None:
+                pipeline = LocalPipeline.start({**app_args, **overrides}, num_cpus=args.num_cpus, env=env)
+            else:
+                pipeline.deploy({**app_args, **overrides})
+            url = f"{pipeline.http_url}/v1/chat/completions"
+            request(url, "warm up", 4, {}, args.stream)
+            layouts.append(
+                {
+                    "layout": layout,
+                    "round": round_index,
+                    **measure(engine, url, pipeline, "no exit", max(args.concurrency), args),
+                }
+            )
+            print(layouts[-1], flush=True)
+    if pipeline is None:
+        pipeline = LocalPipeline.start(app_args, num_cpus=args.num_cpus, env=env)
+    else:
+        pipeline.deploy(app_args)
     url = f"{pipeline.http_url}/v1/chat/completions"
     request(url, "warm up", 4, {}, args.stream)
 
     rows = []
     for name in args.policies:
-        sedac = POLICIES[name]
-        policy = (
-            ExitPolicy.disabled() if sedac.get("disable_exit") else ExitPolicy(sedac["tau"], k=sedac["k"])
-        )
         for concurrency in args.concurrency:
-            prompts = (PROMPTS * 4)[:concurrency] if concurrency > 1 else PROMPTS[:2]
-            start = time.perf_counter()
-            if concurrency == 1:
-                outs = [
-                    engine.generate(p, max_new_tokens=args.max_tokens, chat=True, policy=policy)[0]
-                    for p in prompts
-                ]
-            else:
-                outs = engine.generate(prompts, max_new_tokens=args.max_tokens, chat=True, policy=policy)
-            engine_s = time.perf_counter() - start
-            engine_tokens = sum(len(r.token_ids) for r in outs)
-
-            before, cpu_before = stage_counts(pipeline), cpu_seconds()
-            start = time.perf_counter()
-            with ThreadPoolExecutor(concurrency) as pool:
-                calls = [pool.submit(request, url, p, args.max_tokens, sedac, args.stream) for p in prompts]
-                answers = [c.result() for c in calls]
-            pipeline_s = time.perf_counter() - start
-            tokens = sum(len(a["token_ids"]) for a in answers)
-            same = sum(a["token_ids"] == r.token_ids for a, r in zip(answers, outs, strict=True))
-            after, cpu_after = stage_counts(pipeline), cpu_seconds()
-            rows.append(
-                {
-                    "policy": name,
-                    "concurrency": concurrency,
-                    "engine_tokens_per_s": engine_tokens / engine_s,
-                    "pipeline_tokens_per_s": tokens / pipeline_s,
-                    "throughput_ratio": (tokens / pipeline_s) / (engine_tokens / engine_s),
-                    "pipeline_tpot_ms": statistics.median(
-                        1000 * a["latency_s"] / len(a["token_ids"]) for a in answers
-                    ),
-                    "mean_layers": statistics.fmean(x for a in answers for x in a["exit_layers"]),
-                    "identical_to_engine": f"{same}/{len(answers)}",
-                    # rows per decode batch in each stage, over this measurement only
-                    "stage_mean_batch_rows": mean_batch_rows(counts_between(before, after)),
-                    # wall time of the stages' decode compute (layers, and the last stage's
-                    # read-out), against the CPU each stage's process used in all (cpu_s)
-                    "stage_compute_s": [round(c[2], 2) for c in counts_between(before, after)],
-                    # where the machine's CPU went during the pipeline's run (the wall time is
-                    # pipeline_s; with 2 cores, at most 2 x that is available)
-                    "pipeline_wall_s": round(pipeline_s, 2),
-                    "cpu_s": cpu_between(cpu_before, cpu_after),
-                }
-            )
+            rows.append(measure(engine, url, pipeline, name, concurrency, args))
             print(rows[-1], flush=True)
     # The engine's model maps the same safetensors pages as the stages; freed first, so that
     # PSS and USS count the app's weights in the app alone.
@@ -219,8 +265,18 @@ def main() -> None:
     memory = replica_memory_mb()
     pipeline.stop()
 
-    names = ["policy", "conc", "engine tok/s", "pipeline tok/s", "ratio", "TPOT ms", "layers", "same"]
-    widths = [16, 5, 14, 16, 7, 9, 8, 7]
+    names = [
+        "policy",
+        "conc",
+        "engine tok/s",
+        "pipeline tok/s",
+        "ratio",
+        "TPOT ms",
+        "TPOT x",
+        "layers",
+        "same",
+    ]
+    widths = [16, 5, 14, 16, 7, 9, 8, 8, 7]
     cells = [f"{n:>{w}}" for n, w in zip(names, widths, strict=True)]
     header = f"{names[0]:<{widths[0]}}" + "".join(cells[1:])
     print("\n" + header + "\n" + "-" * len(header))
@@ -228,8 +284,15 @@ def main() -> None:
         print(
             f"{r['policy']:<16}{r['concurrency']:>5}{r['engine_tokens_per_s']:>14.1f}"
             f"{r['pipeline_tokens_per_s']:>16.1f}{r['throughput_ratio']:>7.2f}{r['pipeline_tpot_ms']:>9.1f}"
-            f"{r['mean_layers']:>8.1f}"
+            + (f"{r['tpot_ratio']:>8.2f}" if r["tpot_ratio"] is not None else f"{'-':>8}")
+            + f"{r['mean_layers']:>8.1f}"
             f"{r['identical_to_engine']:>7}"
+        )
+    for layout in dict.fromkeys(r["layout"] for r in layouts):
+        ratios = [r["throughput_ratio"] for r in layouts if r["layout"] == layout]
+        print(
+            f"layout {layout:<20} {max(args.concurrency)} streams: median {statistics.median(ratios):.2f}x "
+            f"the engine ({', '.join(f'{x:.2f}' for x in ratios)})"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -242,6 +305,7 @@ def main() -> None:
                 "app_args": app_args,
                 "env": env,
                 "rows": rows,
+                "layouts": layouts,
                 "replica_memory_mb": memory,
             },
             indent=2,

@@ -129,11 +129,11 @@ class StageServer:
         # batch_wait_timeout_s to every token. Steps that arrive while a batch computes still
         # merge into the next one.
         self.batcher = Batcher(self.step_batch, self.config.max_batch_size, 0.0)
-        # Prompts arrive one request at a time: stage 0 waits a moment for concurrent ones. At
-        # most PREFILL_BATCH prompt chunks share a batch, so a batch (and the wait it imposes on
-        # decoding) stays bounded by PREFILL_BATCH x prefill_chunk_tokens tokens.
-        wait_s = self.config.batch_wait_timeout_s if stage_index == 0 else 0.0
-        self.prefills = Batcher(self._prefill_batch, PREFILL_BATCH, wait_s)
+        # Prompts arrive one request at a time (and deeper stages get a batch's prompts as one
+        # message each): a stage waits a moment for concurrent ones. At most PREFILL_BATCH prompt
+        # chunks share a batch, so a batch (and the wait it imposes on decoding) stays bounded by
+        # PREFILL_BATCH x prefill_chunk_tokens tokens.
+        self.prefills = Batcher(self._prefill_batch, PREFILL_BATCH, self.config.batch_wait_timeout_s)
         self.metrics = StageMetrics(stage_index)
         self.verifications = VerifiedTokens()  # last stage: drafts' full-depth tokens
         self._slot_freed = asyncio.Event()  # set when a release frees a KV slot
