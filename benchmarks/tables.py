@@ -26,7 +26,10 @@ ABOUT = {
     "pipeline_speed.json": "The 3-stage served pipeline against the in-process engine at the same "
     "concurrency (`benchmarks/pipeline_speed.py`): whole-answer HTTP requests, prefill included, EOS may end "
     "a request early. Memory per replica in MB (PSS adds up to what the app holds); stage compute and the "
-    "CPU all of Ray used, in seconds, against the pipeline's wall time.",
+    "CPU all of Ray used, in seconds, against the pipeline's wall time. One stream's TPOT ratio: each "
+    "request's time per token, prefill included, over the engine's. `layouts` (`--layouts --rounds 2`): "
+    "step groups in flight and torch threads per replica, each deployed in turn, exits off, each against "
+    "an engine run just before it.",
     "speculative_speed.json": "Plain, early-exit and lossless speculative decoding, in the engine and "
     "in the served pipeline (`benchmarks/speculative_speed.py --rounds 3 --threads 1 --pipeline`). "
     "Agreement: share of positions equal to the same system's no-exit run.",
@@ -89,6 +92,7 @@ COLUMNS: dict[tuple[str, str], list[Column]] = {
     ],
     ("pipeline_speed.json", "layouts"): [
         ("layout", "layout"),
+        ("round", "round"),
         ("streams", "concurrency"),
         ("engine tok/s", "engine_tokens_per_s"),
         ("pipeline tok/s", "pipeline_tokens_per_s"),
