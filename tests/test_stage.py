@@ -13,18 +13,18 @@ from sedac_ray.model.loading import LoadedModel
 from sedac_ray.policy import ExitPolicy
 from sedac_ray.sampling import SamplingParams
 from sedac_ray.serve import stage as stage_module
-from sedac_ray.serve.transport import PrefillMessage, Rows, StepMessage
+from sedac_ray.serve.transport import PrefillMessage, PrefillResult, Rows, StepMessage, TokenResult
 from tests.conftest import TINY_CONFIGS
 
 
-def in_process_stage(monkeypatch, config: dict):
+def in_process_stage(monkeypatch, config: dict, stage_index: int = 0, next_stage=None):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]()).eval()
     replica = SimpleNamespace(replica_id=SimpleNamespace(unique_id="replica"))
     monkeypatch.setattr(stage_module.serve, "get_replica_context", lambda: replica)
     monkeypatch.setattr(stage_module, "load_config", lambda *a, **k: model.config)
     monkeypatch.setattr(stage_module, "load_model", lambda *a, **k: LoadedModel(model, None, "tiny"))
-    return stage_module.StageServer(config, 0)
+    return stage_module.StageServer(config, stage_index, next_stage=next_stage)
 
 
 def test_a_long_prompt_yields_the_layers_to_decoding_between_chunks(monkeypatch):
@@ -66,3 +66,33 @@ def test_a_long_prompt_yields_the_layers_to_decoding_between_chunks(monkeypatch)
     asyncio.run(run())
     assert order.count("prefill") == 25  # 200 tokens in chunks of 8
     assert order.index("decode") <= 2, order
+
+
+def test_a_deeper_stage_merges_prompts_that_arrive_one_message_each(monkeypatch):
+    """Stage 0 forwards a prefill batch's prompts as one message per sequence, which reach the next
+    stage a moment apart: the next stage waits batch_wait_timeout_s for them and prefills them as
+    one batch, as stage 0 does with the front door's requests."""
+    forwarded = []
+
+    async def next_prefill(message):
+        forwarded.append(message.seq_id)
+        return PrefillResult(route=("next",), first=TokenResult(0, 0))
+
+    next_stage = SimpleNamespace(prefill=SimpleNamespace(remote=next_prefill))
+    config = {"stages": 3, "batch_wait_timeout_s": 0.5, "max_model_len": 64, "exit": {"disable": True}}
+    server = in_process_stage(monkeypatch, config, stage_index=1, next_stage=next_stage)
+    hidden_size = server.adapter.hidden_size
+
+    async def run():
+        calls = []
+        for i in range(4):  # a millisecond apart, as stage 0's replies to its batch go out
+            hidden = np.random.default_rng(i).standard_normal((5 + i, hidden_size)).astype(np.float32)
+            message = PrefillMessage(f"s{i}", SamplingParams(), hidden=hidden, max_length=32)
+            calls.append(asyncio.ensure_future(server.prefill(message)))
+            await asyncio.sleep(0.001)
+        return await asyncio.gather(*calls)
+
+    results = asyncio.run(run())
+    assert [r.route for r in results] == [("replica", "next")] * 4
+    assert sorted(forwarded) == ["s0", "s1", "s2", "s3"]
+    assert server.prefills.batches == 1
