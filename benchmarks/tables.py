@@ -57,6 +57,19 @@ ABOUT = {
 
 # (column heading, field) per known list of records; a field may be a callable on the record.
 Column = tuple[str, "str | Callable[[dict], object]"]
+# pipeline_speed.json's rows and layouts: throughput against the engine, and where the run's time went.
+PIPELINE_THROUGHPUT: list[Column] = [
+    ("streams", "concurrency"),
+    ("engine tok/s", "engine_tokens_per_s"),
+    ("pipeline tok/s", "pipeline_tokens_per_s"),
+    ("ratio", "throughput_ratio"),
+]
+PIPELINE_RUN: list[Column] = [
+    ("stage batch rows", lambda r: per_stage(r.get("stage_mean_batch_rows"))),
+    ("wall s", "pipeline_wall_s"),
+    ("stage compute s", lambda r: per_stage(r.get("stage_compute_s"))),
+    ("CPU s (all Ray)", lambda r: round(sum(r["cpu_s"].values()), 1) if "cpu_s" in r else None),
+]
 COLUMNS: dict[tuple[str, str], list[Column]] = {
     ("engine_speed.json", "rows"): [
         ("config", "config"),
@@ -76,31 +89,19 @@ COLUMNS: dict[tuple[str, str], list[Column]] = {
     ],
     ("pipeline_speed.json", "rows"): [
         ("policy", "policy"),
-        ("streams", "concurrency"),
-        ("engine tok/s", "engine_tokens_per_s"),
-        ("pipeline tok/s", "pipeline_tokens_per_s"),
-        ("ratio", "throughput_ratio"),
+        *PIPELINE_THROUGHPUT,
         ("TPOT ms", "pipeline_tpot_ms"),
         ("engine TPOT ms", "engine_tpot_ms"),
         ("TPOT ratio", "tpot_ratio"),
         ("layers", "mean_layers"),
         ("same as engine", "identical_to_engine"),
-        ("stage batch rows", lambda r: per_stage(r.get("stage_mean_batch_rows"))),
-        ("wall s", "pipeline_wall_s"),
-        ("stage compute s", lambda r: per_stage(r.get("stage_compute_s"))),
-        ("CPU s (all Ray)", lambda r: round(sum(r["cpu_s"].values()), 1) if "cpu_s" in r else None),
+        *PIPELINE_RUN,
     ],
     ("pipeline_speed.json", "layouts"): [
         ("layout", "layout"),
         ("round", "round"),
-        ("streams", "concurrency"),
-        ("engine tok/s", "engine_tokens_per_s"),
-        ("pipeline tok/s", "pipeline_tokens_per_s"),
-        ("ratio", "throughput_ratio"),
-        ("stage batch rows", lambda r: per_stage(r.get("stage_mean_batch_rows"))),
-        ("wall s", "pipeline_wall_s"),
-        ("stage compute s", lambda r: per_stage(r.get("stage_compute_s"))),
-        ("CPU s (all Ray)", lambda r: round(sum(r["cpu_s"].values()), 1) if "cpu_s" in r else None),
+        *PIPELINE_THROUGHPUT,
+        *PIPELINE_RUN,
     ],
     ("speculative_speed.json", "rows"): [
         ("system", "system"),
