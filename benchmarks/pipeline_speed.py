@@ -174,6 +174,8 @@ def measure(engine: Engine, url: str, pipeline: LocalPipeline, name: str, concur
     same = sum(a["token_ids"] == r.token_ids for a, r in zip(answers, outs, strict=True))
     after, cpu_after = stage_counts(pipeline), cpu_seconds()
     pipeline_tpot = statistics.median(1000 * a["latency_s"] / len(a["token_ids"]) for a in answers)
+    engine_tpot_ms = statistics.median(engine_tpot) if engine_tpot else None
+    counts = counts_between(before, after)
     return {
         "policy": name,
         "concurrency": concurrency,
@@ -182,15 +184,15 @@ def measure(engine: Engine, url: str, pipeline: LocalPipeline, name: str, concur
         "throughput_ratio": (tokens / pipeline_s) / (engine_tokens / engine_s),
         "pipeline_tpot_ms": pipeline_tpot,
         # one stream: the pipeline's time per token over the engine's, both per request
-        "engine_tpot_ms": statistics.median(engine_tpot) if engine_tpot else None,
-        "tpot_ratio": pipeline_tpot / statistics.median(engine_tpot) if engine_tpot else None,
+        "engine_tpot_ms": engine_tpot_ms,
+        "tpot_ratio": pipeline_tpot / engine_tpot_ms if engine_tpot_ms else None,
         "mean_layers": statistics.fmean(x for a in answers for x in a["exit_layers"]),
         "identical_to_engine": f"{same}/{len(answers)}",
         # rows per decode batch in each stage, over this measurement only
-        "stage_mean_batch_rows": mean_batch_rows(counts_between(before, after)),
+        "stage_mean_batch_rows": mean_batch_rows(counts),
         # wall time of the stages' decode compute (layers, and the last stage's read-out),
         # against the CPU each stage's process used in all (cpu_s)
-        "stage_compute_s": [round(c[2], 2) for c in counts_between(before, after)],
+        "stage_compute_s": [round(c[2], 2) for c in counts],
         # where the machine's CPU went during the pipeline's run (the wall time is pipeline_s;
         # with 2 cores, at most 2 x that is available)
         "pipeline_wall_s": round(pipeline_s, 2),
